@@ -1,0 +1,46 @@
+"""Time as the engine sees it.
+
+Nothing in graft_trio reads the system clock or calls `trio.sleep` with a raw duration that matters for
+behaviour: it asks the `Clock` it was given. In production that is `TrioClock` (trio's own clock); in the
+simulator every member has a clock with its own skew and drift over the virtual clock.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import trio
+
+
+class Clock(abc.ABC):
+    """A member's view of time, in seconds."""
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The member's current time."""
+
+    @abc.abstractmethod
+    def trio_deadline(self, deadline: float) -> float:
+        """The trio deadline (for `trio.move_on_at` / `trio.fail_at`) at which this clock reads `deadline`."""
+
+    async def sleep_until(self, deadline: float) -> None:
+        await trio.sleep_until(self.trio_deadline(deadline))
+
+    async def sleep(self, seconds: float) -> None:
+        await self.sleep_until(self.now() + seconds)
+
+    def move_on_after(self, seconds: float) -> trio.CancelScope:
+        return trio.move_on_at(self.trio_deadline(self.now() + seconds))
+
+    def fail_after(self, seconds: float) -> trio.CancelScope:
+        return trio.fail_at(self.trio_deadline(self.now() + seconds))
+
+
+class TrioClock(Clock):
+    """trio's clock, unchanged: the production clock (and, under `trio.testing.MockClock`, a test's)."""
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def trio_deadline(self, deadline: float) -> float:
+        return deadline

@@ -1,0 +1,249 @@
+"""The Raft log entries, persistent records and messages: small immutable attrs classes.
+
+Everything the core exchanges with its driver, its storage and its peers is defined here, so that the
+codec (and the simulator, which passes these objects by reference) has one place to look.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+
+class EntryKind(enum.IntEnum):
+    NORMAL = 0
+    NOOP = 1  # appended by every new leader, so that it can commit entries of earlier terms
+    MEMBERSHIP = 2  # data is unused; the new membership is in `membership`
+
+
+@attrs.frozen(slots=True)
+class Member:
+    node_id: str
+    address: str
+    voter: bool = True
+
+
+@attrs.frozen(slots=True)
+class Membership:
+    """A cluster configuration. Members are kept sorted by id so that equal memberships compare equal."""
+
+    members: tuple[Member, ...] = ()
+
+    @classmethod
+    def of(cls, members: list[Member] | tuple[Member, ...]) -> Membership:
+        return cls(tuple(sorted(members, key=lambda m: m.node_id)))
+
+    @property
+    def voters(self) -> tuple[str, ...]:
+        return tuple(m.node_id for m in self.members if m.voter)
+
+    @property
+    def learners(self) -> tuple[str, ...]:
+        return tuple(m.node_id for m in self.members if not m.voter)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(m.node_id for m in self.members)
+
+    def get(self, node_id: str) -> Member | None:
+        for member in self.members:
+            if member.node_id == node_id:
+                return member
+        return None
+
+    def is_voter(self, node_id: str) -> bool:
+        member = self.get(node_id)
+        return member is not None and member.voter
+
+    def with_member(self, member: Member) -> Membership:
+        others = [m for m in self.members if m.node_id != member.node_id]
+        return Membership.of([*others, member])
+
+    def without(self, node_id: str) -> Membership:
+        return Membership.of([m for m in self.members if m.node_id != node_id])
+
+
+@attrs.frozen(slots=True)
+class Entry:
+    term: int
+    index: int
+    kind: EntryKind = EntryKind.NORMAL
+    data: bytes = b""
+    request_id: str = ""  # proposals retried with the same id are applied once
+    membership: Membership | None = None
+
+    def size(self) -> int:
+        return len(self.data) + len(self.request_id) + 24
+
+
+@attrs.frozen(slots=True)
+class HardState:
+    """What must be durable before any message that depends on it is sent."""
+
+    term: int = 0
+    vote: str | None = None
+    commit: int = 0
+
+
+@attrs.frozen(slots=True)
+class SnapshotMeta:
+    index: int = 0
+    term: int = 0
+    membership: Membership = Membership()
+
+
+@attrs.frozen(slots=True)
+class Snapshot:
+    meta: SnapshotMeta
+    data: bytes
+
+
+# --- messages between members ---------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class RequestVote:
+    source: str
+    target: str
+    term: int
+    last_log_index: int
+    last_log_term: int
+    pre_vote: bool = False
+    transfer: bool = False  # a leadership transfer: voters ignore their leader lease
+
+
+@attrs.frozen(slots=True)
+class RequestVoteResponse:
+    source: str
+    target: str
+    term: int
+    granted: bool
+    pre_vote: bool = False
+
+
+@attrs.frozen(slots=True)
+class AppendEntries:
+    source: str
+    target: str
+    term: int
+    prev_log_index: int
+    prev_log_term: int
+    entries: tuple[Entry, ...]
+    leader_commit: int
+
+
+@attrs.frozen(slots=True)
+class AppendEntriesResponse:
+    source: str
+    target: str
+    term: int
+    success: bool
+    match_index: int  # on success: the last index known to match the leader's log
+    rejected_index: int = 0  # on failure: the prev_log_index that did not match
+    hint_index: int = 0  # on failure: where the leader should look next
+    hint_term: int = 0  # on failure: the follower's term at hint_index (0 when its log is too short)
+
+
+@attrs.frozen(slots=True)
+class Heartbeat:
+    source: str
+    target: str
+    term: int
+    commit: int
+    read_context: int = 0  # non-zero: the leader is confirming a ReadIndex round
+
+
+@attrs.frozen(slots=True)
+class HeartbeatResponse:
+    source: str
+    target: str
+    term: int
+    read_context: int = 0
+
+
+@attrs.frozen(slots=True)
+class InstallSnapshot:
+    source: str
+    target: str
+    term: int
+    meta: SnapshotMeta
+    offset: int
+    data: bytes
+    done: bool
+
+
+@attrs.frozen(slots=True)
+class InstallSnapshotResponse:
+    source: str
+    target: str
+    term: int
+    meta_index: int
+    next_offset: int  # the offset the follower wants next
+    done: bool
+
+
+@attrs.frozen(slots=True)
+class TimeoutNow:
+    source: str
+    target: str
+    term: int
+
+
+@attrs.frozen(slots=True)
+class ForwardProposal:
+    """A proposal made on a follower, sent to the leader it knows."""
+
+    source: str
+    target: str
+    term: int
+    data: bytes
+    request_id: str
+
+
+@attrs.frozen(slots=True)
+class ReadIndexRequest:
+    source: str
+    target: str
+    term: int
+    context: int
+
+
+@attrs.frozen(slots=True)
+class ReadIndexResponse:
+    source: str
+    target: str
+    term: int
+    context: int
+    index: int  # 0: refused (the target is not a leader that can serve reads)
+
+
+Message = (
+    RequestVote
+    | RequestVoteResponse
+    | AppendEntries
+    | AppendEntriesResponse
+    | Heartbeat
+    | HeartbeatResponse
+    | InstallSnapshot
+    | InstallSnapshotResponse
+    | TimeoutNow
+    | ForwardProposal
+    | ReadIndexRequest
+    | ReadIndexResponse
+)
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    RequestVote,
+    RequestVoteResponse,
+    AppendEntries,
+    AppendEntriesResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    InstallSnapshotResponse,
+    TimeoutNow,
+    ForwardProposal,
+    ReadIndexRequest,
+    ReadIndexResponse,
+)
