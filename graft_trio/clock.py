@@ -32,8 +32,6 @@ class Clock(abc.ABC):
     def move_on_after(self, seconds: float) -> trio.CancelScope:
         return trio.move_on_at(self.trio_deadline(self.now() + seconds))
 
-    def fail_after(self, seconds: float) -> trio.CancelScope:
-        return trio.fail_at(self.trio_deadline(self.now() + seconds))
 
 
 class TrioClock(Clock):

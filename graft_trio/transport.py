@@ -32,6 +32,14 @@ class Endpoint(abc.ABC):
     async def receive(self) -> Message:
         """The next message addressed to this member."""
 
+    def peer_address(self, node_id: str) -> str | None:
+        """The address the transport learned for `node_id` (from a connection it accepted), if any.
+
+        A member that joins an existing cluster knows no addresses until the leader contacts it; it
+        replies to the leader through the address its transport learned.
+        """
+        return None
+
 
 class Transport(abc.ABC):
     """A factory of endpoints. `open_endpoint` runs whatever background tasks the endpoint needs."""

@@ -46,6 +46,9 @@ class MemoryEndpoint(Endpoint):
     async def receive(self) -> Message:
         return await self._receive_inbox.receive()
 
+    def peer_address(self, node_id: str) -> str | None:
+        return self.network.address_of(node_id)
+
     def close(self) -> None:
         self.closed = True
         self._send_inbox.close()
@@ -66,6 +69,12 @@ class MemoryNetwork:
     def detach(self, endpoint: MemoryEndpoint) -> None:
         if self.endpoints.get(endpoint.address) is endpoint:
             del self.endpoints[endpoint.address]
+
+    def address_of(self, node_id: str) -> str | None:
+        for address, endpoint in self.endpoints.items():
+            if endpoint.node_id == node_id:
+                return address
+        return None
 
     def deliver(self, source: MemoryEndpoint, target_address: str, message: Message) -> None:
         target = self.endpoints.get(target_address)

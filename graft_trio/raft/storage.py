@@ -130,8 +130,9 @@ class MemoryStorage(Storage):
                 assert isinstance(value, tuple)
                 _apply_entries(state.entries, value, state.first_index())
             else:
-                snapshot, discard_log = value  # type: ignore[misc]
-                assert isinstance(snapshot, Snapshot)
+                assert isinstance(value, tuple)
+                snapshot: Snapshot = value[0]
+                discard_log: bool = value[1]
                 if discard_log:
                     state.entries = []
                 else:

@@ -1,0 +1,189 @@
+"""The binary encoding of the records a member keeps on disk: entries, hard states and snapshot metadata.
+
+`FileStorage` frames and checksums these bytes; this module only turns records into bytes and back. The
+format is little-endian, struct-packed and length-prefixed (no pickle: a file written by one version
+must be readable, or clearly refused, by the next). Every top-level blob starts with a one-byte format
+version, so a reader refuses data written in a format it does not know instead of misreading it.
+
+Layouts (version 1)::
+
+    batch    = version:u8 flags:u8 count:u32 [hard_state] entry*count   (flags bit 0: hard state present)
+    hard     = term:u64 commit:u64 has_vote:u8 [vote:str]
+    entry    = term:u64 index:u64 kind:u8 has_membership:u8 data:bytes request_id:str [membership]
+    meta     = version:u8 index:u64 term:u64 membership
+    members  = count:u32 (node_id:str address:str voter:u8)*count
+    str      = bytes of its UTF-8 encoding;  bytes = length:u32 followed by that many bytes
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from graft_trio.raft.messages import Entry, EntryKind, HardState, Member, Membership, SnapshotMeta
+
+FORMAT_VERSION = 1
+
+_BATCH = struct.Struct("<BBI")
+_HARD_STATE = struct.Struct("<QQB")
+_ENTRY = struct.Struct("<QQBBI")  # term, index, kind, has_membership, len(data)
+_META = struct.Struct("<BQQ")
+_U32 = struct.Struct("<I")
+_U8 = struct.Struct("<B")
+
+_HAS_HARD_STATE = 0x01
+
+
+class CodecError(ValueError):
+    """The bytes are not a record of a format this version can read."""
+
+
+def encode_batch(hard_state: HardState | None, entries: Sequence[Entry]) -> bytes:
+    """One write to the log: an optional hard state and any number of entries, as one blob."""
+    parts: list[bytes] = [
+        _BATCH.pack(FORMAT_VERSION, _HAS_HARD_STATE if hard_state is not None else 0, len(entries))
+    ]
+    if hard_state is not None:
+        _encode_hard_state(parts, hard_state)
+    for entry in entries:
+        _encode_entry(parts, entry)
+    return b"".join(parts)
+
+
+def decode_batch(blob: bytes | memoryview) -> tuple[HardState | None, list[Entry]]:
+    """The inverse of `encode_batch`; raises `CodecError` on anything else."""
+    with _Reader(blob) as reader:
+        version, flags, count = reader.unpack(_BATCH)
+        _check_version(version)
+        if flags & ~_HAS_HARD_STATE:
+            raise CodecError(f"unknown batch flags {flags:#x}")
+        hard_state = _decode_hard_state(reader) if flags & _HAS_HARD_STATE else None
+        entries = [_decode_entry(reader) for _ in range(count)]
+    return hard_state, entries
+
+
+def encode_snapshot_meta(meta: SnapshotMeta) -> bytes:
+    parts: list[bytes] = [_META.pack(FORMAT_VERSION, meta.index, meta.term)]
+    _encode_membership(parts, meta.membership)
+    return b"".join(parts)
+
+
+def decode_snapshot_meta(blob: bytes | memoryview) -> SnapshotMeta:
+    with _Reader(blob) as reader:
+        version, index, term = reader.unpack(_META)
+        _check_version(version)
+        membership = _decode_membership(reader)
+    return SnapshotMeta(index=index, term=term, membership=membership)
+
+
+# --- pieces -----------------------------------------------------------------------------------------
+
+
+def _check_version(version: int) -> None:
+    if version != FORMAT_VERSION:
+        raise CodecError(f"record format version {version}, this version reads {FORMAT_VERSION}")
+
+
+def _encode_bytes(parts: list[bytes], value: bytes) -> None:
+    parts.append(_U32.pack(len(value)))
+    parts.append(value)
+
+
+def _encode_hard_state(parts: list[bytes], hard_state: HardState) -> None:
+    parts.append(_HARD_STATE.pack(hard_state.term, hard_state.commit, hard_state.vote is not None))
+    if hard_state.vote is not None:
+        _encode_bytes(parts, hard_state.vote.encode())
+
+
+def _decode_hard_state(reader: _Reader) -> HardState:
+    term, commit, has_vote = reader.unpack(_HARD_STATE)
+    vote = reader.string() if reader.flag(has_vote) else None
+    return HardState(term=term, vote=vote, commit=commit)
+
+
+def _encode_entry(parts: list[bytes], entry: Entry) -> None:
+    parts.append(
+        _ENTRY.pack(entry.term, entry.index, entry.kind, entry.membership is not None, len(entry.data))
+    )
+    parts.append(entry.data)
+    _encode_bytes(parts, entry.request_id.encode())
+    if entry.membership is not None:
+        _encode_membership(parts, entry.membership)
+
+
+def _decode_entry(reader: _Reader) -> Entry:
+    term, index, kind, has_membership, data_length = reader.unpack(_ENTRY)
+    data = reader.take(data_length)
+    request_id = reader.string()
+    membership = _decode_membership(reader) if reader.flag(has_membership) else None
+    try:
+        entry_kind = EntryKind(kind)
+    except ValueError:
+        raise CodecError(f"unknown entry kind {kind}") from None
+    return Entry(
+        term=term, index=index, kind=entry_kind, data=data, request_id=request_id, membership=membership
+    )
+
+
+def _encode_membership(parts: list[bytes], membership: Membership) -> None:
+    parts.append(_U32.pack(len(membership.members)))
+    for member in membership.members:
+        _encode_bytes(parts, member.node_id.encode())
+        _encode_bytes(parts, member.address.encode())
+        parts.append(_U8.pack(member.voter))
+
+
+def _decode_membership(reader: _Reader) -> Membership:
+    (count,) = reader.unpack(_U32)
+    members = []
+    for _ in range(count):
+        node_id = reader.string()
+        address = reader.string()
+        (voter,) = reader.unpack(_U8)
+        members.append(Member(node_id=node_id, address=address, voter=reader.flag(voter)))
+    # Stored members are already sorted; `of` keeps equal memberships equal even if they were not.
+    return Membership.of(members)
+
+
+class _Reader:
+    """A cursor over a blob that turns every way of running off its end into `CodecError`."""
+
+    def __init__(self, blob: bytes | memoryview) -> None:
+        self._view = memoryview(blob)
+        self._offset = 0
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is None and self._offset != len(self._view):
+            raise CodecError(f"{len(self._view) - self._offset} unexpected bytes after the record")
+
+    def unpack(self, layout: struct.Struct) -> tuple[int, ...]:
+        end = self._offset + layout.size
+        if end > len(self._view):
+            raise CodecError("record ends early")
+        values: tuple[int, ...] = layout.unpack_from(self._view, self._offset)
+        self._offset = end
+        return values
+
+    def take(self, length: int) -> bytes:
+        end = self._offset + length
+        if end > len(self._view):
+            raise CodecError("record ends early")
+        value = bytes(self._view[self._offset : end])
+        self._offset = end
+        return value
+
+    def string(self) -> str:
+        (length,) = self.unpack(_U32)
+        try:
+            return self.take(length).decode()
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"invalid UTF-8 in a string: {exc}") from None
+
+    @staticmethod
+    def flag(value: int) -> bool:
+        if value not in (0, 1):
+            raise CodecError(f"invalid boolean {value}")
+        return value == 1
