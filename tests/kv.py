@@ -1,38 +1,5 @@
-"""A tiny replicated key-value state machine used by the tests and the simulator's workload."""
+"""The tests' key-value state machine: the simulator's, re-exported."""
 
-from __future__ import annotations
+from sims.kv import KeyValue, append, put
 
-import json
-
-from graft_trio.raft import StateMachine
-
-
-class KeyValue(StateMachine):
-    def __init__(self) -> None:
-        self.data: dict[str, str] = {}
-
-    def apply(self, index: int, command: bytes) -> bytes:
-        op = json.loads(command)
-        key = op["key"]
-        if op["op"] == "put":
-            self.data[key] = op["value"]
-        elif op["op"] == "append":
-            self.data[key] = self.data.get(key, "") + op["value"]
-        return self.data.get(key, "").encode()
-
-    def query(self, query: bytes) -> bytes:
-        return self.data.get(query.decode(), "").encode()
-
-    def snapshot(self) -> bytes:
-        return json.dumps(self.data, sort_keys=True).encode()
-
-    def restore(self, snapshot: bytes) -> None:
-        self.data = json.loads(snapshot)
-
-
-def put(key: str, value: str) -> bytes:
-    return json.dumps({"op": "put", "key": key, "value": value}).encode()
-
-
-def append(key: str, value: str) -> bytes:
-    return json.dumps({"op": "append", "key": key, "value": value}).encode()
+__all__ = ["KeyValue", "append", "put"]
