@@ -1,7 +1,8 @@
 """The one interface every transport implements, and how a transport is found by name.
 
-A transport carries Raft messages between members, best effort: a message may be lost, but the messages
-of one link arrive in the order they were sent. Raft needs nothing stronger. Transports are looked up
+A transport carries Raft messages between members, best effort: a message may be lost, duplicated or
+delayed past later ones (the real transports keep each link in order, the simulator need not). Raft
+needs nothing stronger. Transports are looked up
 through the entry-point group ``graft_trio.transports``, so the core never imports one directly and a
 third party can ship its own.
 """
@@ -9,6 +10,7 @@ third party can ship its own.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from importlib.metadata import entry_points
 from typing import Any
@@ -17,9 +19,14 @@ from graft_trio.raft.messages import Message
 
 ENTRY_POINT_GROUP = "graft_trio.transports"
 
+MessageHandler = Callable[[Message], None]
+"""Called by the transport with each message that arrives for the member. It must not block: the
+member queues the message (or drops it when its queue is full, which Raft tolerates)."""
+
 
 class Endpoint(abc.ABC):
-    """One member's attachment to a transport: it sends to peers and receives what they send it."""
+    """One member's attachment to a transport: it sends to peers, and hands what arrives to the member's
+    `MessageHandler`."""
 
     node_id: str
     address: str
@@ -27,10 +34,6 @@ class Endpoint(abc.ABC):
     @abc.abstractmethod
     def send(self, target_id: str, target_address: str, message: Message) -> None:
         """Queue `message` for the peer; never blocks. A full per-peer queue drops the message."""
-
-    @abc.abstractmethod
-    async def receive(self) -> Message:
-        """The next message addressed to this member."""
 
     def peer_address(self, node_id: str) -> str | None:
         """The address the transport learned for `node_id` (from a connection it accepted), if any.
@@ -47,7 +50,9 @@ class Transport(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def open_endpoint(self, node_id: str, address: str) -> AbstractAsyncContextManager[Endpoint]:
+    def open_endpoint(
+        self, node_id: str, address: str, on_message: MessageHandler
+    ) -> AbstractAsyncContextManager[Endpoint]:
         """Bind `address` and yield the endpoint; leaving the context closes it and its tasks."""
 
 

@@ -413,7 +413,7 @@ class Simulation:
             NetworkFaults(
                 latency=plan.latency, loss=plan.loss, duplication=plan.duplication, reorder=plan.reorder
             ),
-            on_event=self.trace.add if self.options.trace else None,
+            on_event=self.trace.add,
         )
         self._build_members()
         stop_clients = trio.Event()

@@ -106,6 +106,16 @@ class _Clog:
     held: list[tuple[int, Message]] = attrs.field(factory=list)
 
 
+def _summary(message: Message) -> str:
+    """A short, exact description of a message for the trace (its type, term and log position)."""
+    name = type(message).__name__
+    index = getattr(message, "prev_log_index", None)
+    if index is None:
+        index = getattr(message, "match_index", None)
+    entries = getattr(message, "entries", ())
+    return f"{name} t={message.term} i={index} n={len(entries)}"
+
+
 def _link_name(link: Link) -> str:
     return f"{link[0]}->{link[1]}"
 
@@ -158,7 +168,8 @@ class SimNetwork(MemoryNetwork):
         self._message_ids += 1
         message_id = self._message_ids
         self.sent += 1
-        self._emit("send", f"#{message_id} {_link_name(link)} {message!r}")
+        if self.on_event is not None:
+            self.on_event("send", f"#{message_id} {_link_name(link)} {_summary(message)}")
         reason = self._blocked_by(link)
         if reason is not None:
             self.blocked += 1
@@ -268,14 +279,12 @@ class SimNetwork(MemoryNetwork):
                 self.undeliverable += 1
                 self._drop(message_id, link, "detached")
                 continue
-            dropped_before = self.dropped
-            target.put(message)
-            if self.dropped != dropped_before:  # `put` counted the drop itself
-                self.undeliverable += 1
-                self._emit("drop", f"#{message_id} {_link_name(link)} inbox-full")
-            else:
+            if target.put(message):
                 self.delivered += 1
                 self._emit("deliver", f"#{message_id} {_link_name(link)}")
+            else:
+                self.undeliverable += 1
+                self._emit("drop", f"#{message_id} {_link_name(link)} closed")
 
     # --- fault mechanisms -----------------------------------------------------------------------------
 

@@ -23,6 +23,37 @@ from sims.network import Latency, NetworkFaults, NetworkStats, SimNetwork
 from sims.scheduler import check_trio_supported, deterministic_scheduling, run_simulation
 from transports.memory import MemoryEndpoint, MemoryTransport
 
+
+class Probe:
+    """An endpoint plus the queue its messages land in, for tests that read what arrives."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Message](math.inf)
+        self.endpoint: MemoryEndpoint | None = None
+
+    def __call__(self, message: Message) -> None:
+        self._send.send_nowait(message)
+
+    @property
+    def node_id(self) -> str:
+        assert self.endpoint is not None
+        return self.endpoint.node_id
+
+    def send(self, target_id: str, target_address: str, message: Message) -> None:
+        assert self.endpoint is not None
+        self.endpoint.send(target_id, target_address, message)
+
+    async def receive(self) -> Message:
+        return await self._receive.receive()
+
+
+@asynccontextmanager
+async def open_probe(transport: MemoryTransport, node_id: str, address: str) -> AsyncIterator[Probe]:
+    probe = Probe()
+    async with transport.open_endpoint(node_id, address, probe) as endpoint:
+        probe.endpoint = endpoint
+        yield probe
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # --- deterministic scheduling ---------------------------------------------------------------------------
@@ -216,13 +247,13 @@ async def open_network(
     seed: int = 0,
     addresses: tuple[str, ...] = ("a", "b", "c"),
     on_event: Callable[[str, str], None] | None = None,
-) -> AsyncIterator[tuple[SimNetwork, dict[str, MemoryEndpoint]]]:
+) -> AsyncIterator[tuple[SimNetwork, dict[str, Probe]]]:
     network = SimNetwork(VirtualTime(), random.Random(seed), faults, on_event=on_event)
     transport = MemoryTransport(network)
     async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
         await nursery.start(network.run)
         endpoints = {
-            address: await stack.enter_async_context(transport.open_endpoint(address, address))
+            address: await stack.enter_async_context(open_probe(transport, address, address))
             for address in addresses
         }
         try:
@@ -231,7 +262,7 @@ async def open_network(
             nursery.cancel_scope.cancel()
 
 
-async def drain(endpoint: MemoryEndpoint, idle: float = 10.0) -> list[Message]:
+async def drain(endpoint: Probe, idle: float = 10.0) -> list[Message]:
     """Everything `endpoint` receives until nothing arrives for `idle` virtual seconds."""
     received: list[Message] = []
     while True:
@@ -250,7 +281,7 @@ def assert_counts_add_up(stats: NetworkStats) -> None:
     assert stats.sent + stats.duplicated == stats.delivered + stats.dropped + stats.in_flight + stats.held
 
 
-async def send_bursts(endpoints: dict[str, MemoryEndpoint], links: list[tuple[str, str]], count: int) -> None:
+async def send_bursts(endpoints: dict[str, Probe], links: list[tuple[str, str]], count: int) -> None:
     for number in range(count):
         for source, target in links:
             endpoints[source].send(target, target, heartbeat(source, target, number))
@@ -368,13 +399,13 @@ async def test_a_message_to_a_detached_address_is_dropped_at_delivery(
     faults = NetworkFaults(latency=Latency(base=1.0, tail="none"))
     async with open_network(faults) as (network, endpoints):
         transport = MemoryTransport(network)
-        async with transport.open_endpoint("d", "d"):
+        async with open_probe(transport, "d", "d"):
             endpoints["a"].send("d", "d", heartbeat("a", "d", 1))
         await trio.sleep(2.0)
         assert network.stats().undeliverable == 1
         # The address is checked when the message arrives, not when it is sent.
         endpoints["a"].send("e", "e", heartbeat("a", "e", 2))
-        async with transport.open_endpoint("e", "e") as late:
+        async with open_probe(transport, "e", "e") as late:
             assert commits(await drain(late), "a") == [2]
     assert_counts_add_up(network.stats())
 
@@ -390,7 +421,7 @@ def replay_trace(seed: int, deterministic: bool = True) -> list[str]:
     def record(kind: str, detail: str) -> None:
         trace.append(f"{trio.current_time()!r} {kind} {detail}")
 
-    async def member(endpoint: MemoryEndpoint, clock: SimClock, rng: random.Random, peers: list[str]) -> None:
+    async def member(endpoint: Probe, clock: SimClock, rng: random.Random, peers: list[str]) -> None:
         async def send_heartbeats() -> None:
             for number in range(1_000_000):
                 await clock.sleep(rng.uniform(0.01, 0.05))
@@ -429,7 +460,7 @@ def replay_trace(seed: int, deterministic: bool = True) -> list[str]:
         async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
             await nursery.start(network.run)
             for name in names:
-                endpoint = await stack.enter_async_context(transport.open_endpoint(name, name))
+                endpoint = await stack.enter_async_context(open_probe(transport, name, name))
                 peers = [peer for peer in names if peer != name]
                 nursery.start_soon(member, endpoint, clocks[name], random.Random(master.getrandbits(64)), peers)
             for _ in range(20):

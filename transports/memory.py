@@ -10,12 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import trio
-
 from graft_trio.raft.messages import Message
-from graft_trio.transport import Endpoint, Transport
-
-DEFAULT_INBOX_SIZE = 4096
+from graft_trio.transport import Endpoint, MessageHandler, Transport
 
 
 class AddressInUseError(OSError):
@@ -23,35 +19,29 @@ class AddressInUseError(OSError):
 
 
 class MemoryEndpoint(Endpoint):
-    def __init__(self, network: MemoryNetwork, node_id: str, address: str, inbox_size: int) -> None:
+    def __init__(self, network: MemoryNetwork, node_id: str, address: str, on_message: MessageHandler) -> None:
         self.network = network
         self.node_id = node_id
         self.address = address
-        self._send_inbox, self._receive_inbox = trio.open_memory_channel[Message](inbox_size)
+        self._on_message = on_message
         self.closed = False
 
     def send(self, target_id: str, target_address: str, message: Message) -> None:
         if not self.closed:
             self.network.deliver(self, target_address, message)
 
-    def put(self, message: Message) -> None:
-        """Hand a message to this endpoint's inbox; a full inbox drops it, as a real network would."""
+    def put(self, message: Message) -> bool:
+        """Hand a message to the member. False if the endpoint is closed."""
         if self.closed:
-            return
-        try:
-            self._send_inbox.send_nowait(message)
-        except trio.WouldBlock:
-            self.network.dropped += 1
-
-    async def receive(self) -> Message:
-        return await self._receive_inbox.receive()
+            return False
+        self._on_message(message)
+        return True
 
     def peer_address(self, node_id: str) -> str | None:
         return self.network.address_of(node_id)
 
     def close(self) -> None:
         self.closed = True
-        self._send_inbox.close()
 
 
 class MemoryNetwork:
@@ -90,13 +80,14 @@ DEFAULT_NETWORK = MemoryNetwork()
 class MemoryTransport(Transport):
     name = "memory"
 
-    def __init__(self, network: MemoryNetwork | None = None, inbox_size: int = DEFAULT_INBOX_SIZE) -> None:
+    def __init__(self, network: MemoryNetwork | None = None) -> None:
         self.network = network if network is not None else DEFAULT_NETWORK
-        self.inbox_size = inbox_size
 
     @asynccontextmanager
-    async def open_endpoint(self, node_id: str, address: str) -> AsyncIterator[MemoryEndpoint]:
-        endpoint = MemoryEndpoint(self.network, node_id, address, self.inbox_size)
+    async def open_endpoint(
+        self, node_id: str, address: str, on_message: MessageHandler
+    ) -> AsyncIterator[MemoryEndpoint]:
+        endpoint = MemoryEndpoint(self.network, node_id, address, on_message)
         self.network.attach(endpoint)
         try:
             yield endpoint

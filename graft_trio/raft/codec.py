@@ -40,9 +40,7 @@ class CodecError(ValueError):
 
 def encode_batch(hard_state: HardState | None, entries: Sequence[Entry]) -> bytes:
     """One write to the log: an optional hard state and any number of entries, as one blob."""
-    parts: list[bytes] = [
-        _BATCH.pack(FORMAT_VERSION, _HAS_HARD_STATE if hard_state is not None else 0, len(entries))
-    ]
+    parts: list[bytes] = [_BATCH.pack(FORMAT_VERSION, _HAS_HARD_STATE if hard_state is not None else 0, len(entries))]
     if hard_state is not None:
         _encode_hard_state(parts, hard_state)
     for entry in entries:
@@ -102,9 +100,7 @@ def _decode_hard_state(reader: _Reader) -> HardState:
 
 
 def _encode_entry(parts: list[bytes], entry: Entry) -> None:
-    parts.append(
-        _ENTRY.pack(entry.term, entry.index, entry.kind, entry.membership is not None, len(entry.data))
-    )
+    parts.append(_ENTRY.pack(entry.term, entry.index, entry.kind, entry.membership is not None, len(entry.data)))
     parts.append(entry.data)
     _encode_bytes(parts, entry.request_id.encode())
     if entry.membership is not None:
@@ -120,9 +116,7 @@ def _decode_entry(reader: _Reader) -> Entry:
         entry_kind = EntryKind(kind)
     except ValueError:
         raise CodecError(f"unknown entry kind {kind}") from None
-    return Entry(
-        term=term, index=index, kind=entry_kind, data=data, request_id=request_id, membership=membership
-    )
+    return Entry(term=term, index=index, kind=entry_kind, data=data, request_id=request_id, membership=membership)
 
 
 def _encode_membership(parts: list[bytes], membership: Membership) -> None:

@@ -163,6 +163,14 @@ class RaftCore:
     def is_voter(self) -> bool:
         return self.membership.is_voter(self.id)
 
+    def can_campaign(self) -> bool:
+        """A voter of the latest membership, or of the committed one.
+
+        The second case is a leader that appended its own removal and then lost its quorum: the others may
+        still need its vote, and it must be able to become leader again to commit its removal.
+        """
+        return self.is_voter() or self.log.membership_at(self.log.committed).is_voter(self.id)
+
     def quorum(self) -> int:
         return len(self.membership.voters) // 2 + 1
 
@@ -180,9 +188,20 @@ class RaftCore:
         else:
             self._tick_election()
 
+    def ticks_until_action(self) -> int:
+        """How many more ticks until `tick` would do something, if nothing else happens meanwhile."""
+        if self.role is Role.LEADER:
+            heartbeat = self.config.heartbeat_ticks - self.heartbeat_elapsed
+            check = self.config.election_ticks - self.election_elapsed
+            return max(1, min(heartbeat, check))
+        remaining = self.randomized_election_timeout - self.election_elapsed
+        if remaining <= 0 and not self.can_campaign():
+            return self.config.election_ticks  # nothing will ever happen on a tick
+        return max(1, remaining)
+
     def campaign_now(self) -> None:
         """Start an election at once (a sole founding voter does this instead of waiting a timeout)."""
-        if self.role is not Role.LEADER and self.is_voter():
+        if self.role is not Role.LEADER and self.can_campaign():
             self._campaign(pre_vote=self.config.pre_vote, transfer=False)
 
     def propose(self, data: bytes, request_id: str) -> int | None:
@@ -335,10 +354,11 @@ class RaftCore:
 
     def _tick_election(self) -> None:
         self.election_elapsed += 1
-        if self.election_elapsed >= self.randomized_election_timeout:
+        # A member that cannot campaign lets the count grow: past an election timeout it no longer
+        # believes in its leader's lease and answers vote requests.
+        if self.election_elapsed >= self.randomized_election_timeout and self.can_campaign():
             self.election_elapsed = 0
-            if self.is_voter():
-                self._campaign(pre_vote=self.config.pre_vote, transfer=False)
+            self._campaign(pre_vote=self.config.pre_vote, transfer=False)
 
     def _tick_leader(self) -> None:
         self.heartbeat_elapsed += 1
@@ -352,10 +372,20 @@ class RaftCore:
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
             self.heartbeat_elapsed = 0
             self._broadcast_heartbeat(0)
+            last = self.log.last_index
             for node_id, progress in self.progress.items():
                 if progress.state is ProgressState.SNAPSHOT:
                     progress.snapshot_sent = False  # resend the chunk that may have been lost
                     self._needs_send[node_id] = True
+                elif (
+                    node_id != self.id
+                    and progress.state is ProgressState.REPLICATE
+                    and progress.heartbeat_match == progress.match_index < last
+                ):
+                    # No progress for a whole heartbeat interval: what was in flight is presumed lost.
+                    progress.become_probe()
+                    self._needs_send[node_id] = True
+                progress.heartbeat_match = progress.match_index
 
     def _quorum_active(self) -> bool:
         active = 0
@@ -806,7 +836,8 @@ class RaftCore:
                     progress.become_probe()
                 self._needs_send[message.source] = True
             return
-        if progress.maybe_update(message.match_index):
+        confirms_probe = progress.state is ProgressState.PROBE and message.match_index == progress.match_index
+        if progress.maybe_update(message.match_index) or confirms_probe:
             if progress.state is ProgressState.PROBE:
                 progress.become_replicate()
             elif progress.state is ProgressState.SNAPSHOT and progress.match_index >= progress.snapshot_index:

@@ -33,6 +33,7 @@ from graft_trio.raft.errors import (
     RaftError,
 )
 from graft_trio.raft.messages import MESSAGE_TYPES, Entry, EntryKind, Member, Membership, Message, Snapshot
+from graft_trio.raft.progress import ProgressState
 from graft_trio.raft.statemachine import StateMachine
 from graft_trio.raft.storage import MemoryStorage, Storage
 from graft_trio.transport import Endpoint, Transport, load_transport
@@ -187,7 +188,9 @@ class RaftNode:
         self._waiters: dict[str, _Waiter] = {}
         self._read_waiters: dict[int, tuple[_Waiter, bytes]] = {}
         self._reads_to_serve: list[tuple[int, int]] = []  # (index, context) confirmed, waiting for apply
-        self._read_context = 0
+        # Read contexts start at a random base per incarnation, so that an answer meant for a previous
+        # incarnation of this member is never taken for one of this incarnation's reads.
+        self._read_context = self.rng.getrandbits(40) << 20
         self._request_seq = 0
         self._incarnation = f"{self.rng.getrandbits(48):012x}"
         self._send_events, self._receive_events = trio.open_memory_channel[object](65536)
@@ -196,6 +199,9 @@ class RaftNode:
         self._stopped = False
         self._nursery: trio.Nursery | None = None
         self.applied_index = 0
+        self._last_tick_at = 0.0
+        self._tick_due = -1.0
+        self._tick_scope: trio.CancelScope | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -222,12 +228,12 @@ class RaftNode:
         if snapshot is not None:
             self._restore(snapshot)
         self.core = core
+        self._last_tick_at = self.clock.now()
         try:
-            async with self.transport.open_endpoint(self.node_id, self.address) as endpoint:
+            async with self.transport.open_endpoint(self.node_id, self.address, self._on_message) as endpoint:
                 self._endpoint = endpoint
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._receive_loop, endpoint)
                     nursery.start_soon(self._tick_loop)
                     if core.membership.voters == (self.node_id,):
                         core.campaign_now()
@@ -245,23 +251,57 @@ class RaftNode:
                 waiter.fail(error)
             self._changed.set()
 
-    async def _receive_loop(self, endpoint: Endpoint) -> None:
-        while True:
-            message = await endpoint.receive()
-            if isinstance(message, MESSAGE_TYPES):
-                await self._send_events.send(message)
+    def _on_message(self, message: Message) -> None:
+        if not isinstance(message, MESSAGE_TYPES):
+            return
+        try:
+            self._send_events.send_nowait(message)
+        except trio.WouldBlock:
+            pass  # overloaded: drop it, as a network would; the sender retries
+        except trio.ClosedResourceError:
+            pass
 
     async def _tick_loop(self) -> None:
-        deadline = self.clock.now()
+        """Wake the main loop when the core has something to do on a tick.
+
+        Ticks are not delivered one by one: the main loop catches up on the ticks that elapsed before it
+        handles anything else (so they interleave with messages exactly as if they had been delivered on
+        time), and this task sleeps until the tick at which the core would act, an election timeout or a
+        heartbeat. A follower that hears from its leader therefore does not wake at all.
+        """
         while True:
-            deadline += self.config.tick_interval
-            await self.clock.sleep_until(deadline)
+            with trio.CancelScope() as scope:
+                self._tick_scope = scope
+                self._tick_due = -1.0  # a fresh scope has no deadline yet
+                self._arm_tick_timer()
+                await trio.sleep_forever()
+            self._tick_scope = None
+            turn_done = self._changed
             await self._send_events.send(_TICK)
+            # Re-arm only once the main loop has caught up on the ticks, or the timer would still be due.
+            await turn_done.wait()
+
+    def _arm_tick_timer(self) -> None:
+        scope, core = self._tick_scope, self.core
+        if scope is None or core is None:
+            return
+        due = self._last_tick_at + core.ticks_until_action() * self.config.tick_interval
+        if due != self._tick_due:
+            self._tick_due = due
+            scope.deadline = self.clock.trio_deadline(due)
+
+    def _catch_up_ticks(self, core: RaftCore) -> None:
+        interval = self.config.tick_interval
+        now = self.clock.now()
+        while self._last_tick_at + interval <= now:
+            self._last_tick_at += interval
+            core.tick()
 
     async def _main_loop(self) -> None:
         core = self._core()
         while True:
             event = await self._receive_events.receive()
+            self._catch_up_ticks(core)
             self._handle(core, event)
             for _ in range(self.config.max_batch):
                 try:
@@ -271,12 +311,13 @@ class RaftNode:
                 self._handle(core, event)
             while core.has_ready():
                 await self._process_ready(core, core.ready())
+            self._arm_tick_timer()
             changed, self._changed = self._changed, trio.Event()
             changed.set()
 
     def _handle(self, core: RaftCore, event: object) -> None:
         if event is _TICK:
-            core.tick()
+            pass  # the ticks it stands for were caught up on already
         elif callable(event):
             event()
         else:
@@ -548,8 +589,11 @@ class RaftNode:
                     progress = core.progress_of(node_id)
                     if core.role is not Role.LEADER:
                         raise NotLeaderError("lost leadership while adding a member", core.leader_id)
+                    # REPLICATE means the learner has answered and its log matches: a learner that never
+                    # answered must not become a voter, whatever the length of the log.
                     return (
                         progress is not None
+                        and progress.state is ProgressState.REPLICATE
                         and progress.match_index + self.config.catch_up_margin >= core.log.last_index
                     )
 
