@@ -31,7 +31,7 @@ from graft_trio.raft import (
     RaftNode,
 )
 from graft_trio.raft.core import RaftCore, Ready, Role
-from graft_trio.raft.messages import Entry, Message, RequestVoteResponse, Snapshot
+from graft_trio.raft.messages import Entry, EntryKind, Message, RequestVoteResponse, Snapshot
 from graft_trio.raft.storage import MemoryStorage
 from sims import kv
 from sims.checkers import RaftCheckers, Violation
@@ -89,6 +89,8 @@ class FaultPlan:
             snapshot_trailing=rng.choice([0, 5, 50]),
             snapshot_chunk_bytes=rng.choice([64, 512, 65536]),
             default_timeout=2.0,
+            pre_vote=maybe(0.7),
+            check_quorum=maybe(0.7),
         )
         return cls(
             latency=latency,
@@ -99,7 +101,7 @@ class FaultPlan:
             one_way=maybe(0.4),
             clogging=maybe(0.4),
             crashes=maybe(0.8),
-            leader_crashes=rng.choice([0.0, 0.2, 0.5]),
+            leader_crashes=rng.choice([0.0, 0.3, 0.6]),
             voter_crashes=rng.choice([0.0, 0.1, 0.3]),
             clock_jumps=maybe(0.4),
             disk_latency=rng.choice([0.0001, 0.001, 0.005]),
@@ -218,6 +220,21 @@ class Simulation:
         ):
             self._chaos_send.send_nowait(("crash-voter", message.source))
 
+    def _maybe_crash_during_leader_sync(self, node_id: str) -> None:
+        """Sometimes crash a new leader while its first entry (the no-op of its term) is being synced.
+
+        It then holds an entry of its term that nobody else has seen, which is what the Figure 8 scenario
+        of the Raft paper is made of.
+        """
+        node = self.members[node_id].node
+        core = node.core if node is not None else None
+        if core is None or core.role is not Role.LEADER or not self.in_fault_phase():
+            return
+        last = core.log.last_index
+        if core.log.stable_index < last and core.log.entry(last).kind == EntryKind.NOOP:
+            if self.fault_rng.random() < self.plan.leader_crashes:
+                self._chaos_send.send_nowait(("crash-during-leader-sync", node_id))
+
     def in_fault_phase(self) -> bool:
         return self.heal_started is None
 
@@ -232,7 +249,10 @@ class Simulation:
             clock = self.virtual_time.clock(node_id, offset=skew, drift=drift)
             disk_rng = random.Random(rng.getrandbits(64))
 
-            async def sync_delay(clock: SimClock = clock, disk_rng: random.Random = disk_rng) -> None:
+            async def sync_delay(
+                clock: SimClock = clock, disk_rng: random.Random = disk_rng, node_id: str = node_id
+            ) -> None:
+                self._maybe_crash_during_leader_sync(node_id)
                 await clock.sleep(disk_rng.expovariate(1.0 / self.plan.disk_latency))
 
             self.members[node_id] = SimMember(node_id, f"sim://{node_id}", MemoryStorage(sync_delay), clock)
@@ -390,12 +410,14 @@ class Simulation:
             if not self.in_fault_phase():
                 continue
             member = self.members[node_id]
-            await self._sleep(self.fault_rng.uniform(0.0, 0.03))
+            if reason != "crash-during-leader-sync":
+                await self._sleep(self.fault_rng.uniform(0.0, 0.01))
             alive = [m for m in self.members.values() if m.alive]
             if member.alive and len(alive) > self.options.nodes // 2:
                 self.trace.add("fault", f"{reason} {node_id}")
                 await self.crash_member(member)
-                await self._sleep(self.fault_rng.uniform(0.05, 1.0))
+                # Often back at once, while the election it took part in may still be going on.
+                await self._sleep(self.fault_rng.choice([0.002, 0.02, 0.3, 1.0]) * self.fault_rng.random())
                 if self.in_fault_phase() and not member.alive:
                     await self.start_member(nursery, member)
 
