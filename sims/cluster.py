@@ -231,9 +231,9 @@ class Simulation:
         if core is None or core.role is not Role.LEADER or not self.in_fault_phase():
             return
         last = core.log.last_index
-        if core.log.stable_index < last and core.log.entry(last).kind == EntryKind.NOOP:
-            if self.fault_rng.random() < self.plan.leader_crashes:
-                self._chaos_send.send_nowait(("crash-during-leader-sync", node_id))
+        new_leader_syncing = core.log.stable_index < last and core.log.entry(last).kind == EntryKind.NOOP
+        if new_leader_syncing and self.fault_rng.random() < self.plan.leader_crashes:
+            self._chaos_send.send_nowait(("crash-during-leader-sync", node_id))
 
     def in_fault_phase(self) -> bool:
         return self.heal_started is None
