@@ -10,6 +10,9 @@ network and crash events) and records a `Violation` the moment a property breaks
   history; checked entry by entry through the term of each entry's predecessor (§5.3).
 - Leader Completeness: an entry committed in a term is in the log of every leader of a later term (§5.4).
 - State Machine Safety: no two members apply different entries at the same index (§5.4.3).
+- Leader Commitment Rule: a leader moves its commit index only onto an entry of its own term (§5.4.2,
+  the rule that keeps Figure 8 from happening; its breach is caught here the moment it happens, long
+  before the rare schedule that turns it into lost data).
 - Acknowledged Durability: an entry a member acknowledged to a leader is still in its durable log after
   a crash, unless a later leader's entries replaced it.
 
@@ -84,6 +87,7 @@ class RaftCheckers:
             self.leader_logs.pop(node_id, None)
         if core.role is Role.LEADER:
             self.leader_logs[node_id] = (core.term, core.log.last_index)
+            self._check_commit_rule(node_id, core, ready)
         self._record_commits(node_id, core)
 
     def applied(self, node_id: str, entry: Entry) -> None:
@@ -158,6 +162,20 @@ class RaftCheckers:
                 self.fail(
                     "log-matching",
                     f"{node_id} holds index {entry.index} term {entry.term} as {value}, another member as {seen}",
+                )
+
+    def _check_commit_rule(self, node_id: str, core: RaftCore, ready: Ready) -> None:
+        hard_state = ready.hard_state
+        if hard_state is None or ready.soft_state is not None:
+            return
+        previous = self.commit_seen.get(node_id, 0)
+        if hard_state.commit > previous:
+            term = core.log.term(hard_state.commit)
+            if term is not None and term != core.term:
+                self.fail(
+                    "leader-commit-rule",
+                    f"leader {node_id} of term {core.term} committed index {hard_state.commit} of term {term} "
+                    "by counting replicas",
                 )
 
     def _record_commits(self, node_id: str, core: RaftCore) -> None:

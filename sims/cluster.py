@@ -367,7 +367,7 @@ class Simulation:
         if plan.clogging:
             actions += ["clog", "unclog"]
         if plan.crashes:
-            actions += ["crash", "restart", "restart"]
+            actions += ["crash", "crash-leader", "restart", "restart"]
         if plan.clock_jumps:
             actions += ["clock-jump"]
         while self.virtual_time.now() < end:
@@ -394,6 +394,11 @@ class Simulation:
                 # Keep a majority up most of the time, so that the cluster makes progress between faults.
                 if len(alive) > self.options.nodes // 2 + 1 or (alive and rng.random() < 0.1):
                     await self.crash_member(rng.choice(alive))
+            elif action == "crash-leader":
+                leaders = [m for m in self.members.values() if m.alive and m.node is not None and m.node.is_leader]
+                if leaders:
+                    self.trace.add("fault", f"crash-leader {leaders[0].node_id}")
+                    await self.crash_member(leaders[0])
             elif action == "restart":
                 dead = [m for m in self.members.values() if not m.alive]
                 if dead:

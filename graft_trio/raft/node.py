@@ -105,6 +105,7 @@ class _Waiter:
     event: trio.Event = attrs.Factory(trio.Event)
     result: bytes = b""
     error: Exception | None = None
+    command: bytes | None = None  # a pending proposal's command, submitted again when the leader changes
 
     def resolve(self, result: bytes) -> None:
         if not self.event.is_set():
@@ -202,6 +203,7 @@ class RaftNode:
         self._last_tick_at = 0.0
         self._tick_due = -1.0
         self._tick_scope: trio.CancelScope | None = None
+        self._known_leader: str | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -311,9 +313,29 @@ class RaftNode:
                 self._handle(core, event)
             while core.has_ready():
                 await self._process_ready(core, core.ready())
+                if core.leader_id != self._known_leader:
+                    self._known_leader = core.leader_id
+                    self._resubmit(core)
             self._arm_tick_timer()
             changed, self._changed = self._changed, trio.Event()
             changed.set()
+
+    def _resubmit(self, core: RaftCore) -> None:
+        """A new leader is known: send it the pending proposals and reads now, not at the next retry.
+
+        A proposal forwarded to a leader that died is lost with it; retried under its request id, it is
+        still applied once.
+        """
+        if core.leader_id is None:
+            return
+        for request_id, waiter in self._waiters.items():
+            if waiter.command is not None and not waiter.event.is_set():
+                with contextlib.suppress(NotLeaderError):
+                    core.propose(waiter.command, request_id)
+        for context, (waiter, _) in self._read_waiters.items():
+            if not waiter.event.is_set():
+                with contextlib.suppress(NotLeaderError):
+                    core.read_index(context)
 
     def _handle(self, core: RaftCore, event: object) -> None:
         if event is _TICK:
@@ -482,7 +504,7 @@ class RaftNode:
         cached = self._dedup.get(request_id)
         if cached is not None:
             return cached
-        waiter = self._waiters.setdefault(request_id, _Waiter())
+        waiter = self._waiters.setdefault(request_id, _Waiter(command=command))
         core = self._core()
 
         def submit() -> None:
