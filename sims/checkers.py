@@ -86,7 +86,12 @@ class RaftCheckers:
         elif core.role is not Role.LEADER:
             self.leader_logs.pop(node_id, None)
         if core.role is Role.LEADER:
-            self.leader_logs[node_id] = (core.term, core.log.last_index)
+            # The furthest the leader's log has reached in its term: it may never append below that again.
+            led = self.leader_logs.get(node_id)
+            reached = core.log.last_index
+            if led is not None and led[0] == core.term:
+                reached = max(reached, led[1])
+            self.leader_logs[node_id] = (core.term, reached)
             self._check_commit_rule(node_id, core, ready)
         self._record_commits(node_id, core)
 
