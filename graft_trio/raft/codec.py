@@ -1,4 +1,4 @@
-"""The binary encoding of the records a member keeps on disk: entries, hard states and snapshot metadata.
+"""The binary encodings of the records a member keeps on disk and of the messages it sends to its peers.
 
 `FileStorage` frames and checksums these bytes; this module only turns records into bytes and back. The
 format is little-endian, struct-packed and length-prefixed (no pickle: a file written by one version
@@ -13,14 +13,42 @@ Layouts (version 1)::
     meta     = version:u8 index:u64 term:u64 membership
     members  = count:u32 (node_id:str address:str voter:u8)*count
     str      = bytes of its UTF-8 encoding;  bytes = length:u32 followed by that many bytes
+
+Messages (`encode_message`, wire version 1, versioned apart from the records; docs/WIRE.md has the table)::
+
+    message  = version:u8 tag:u8 source:str target:str fixed-fields [tail]
 """
 
 from __future__ import annotations
 
+import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from graft_trio.raft.messages import Entry, EntryKind, HardState, Member, Membership, SnapshotMeta
+import attrs
+
+from graft_trio.raft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    EntryKind,
+    ForwardProposal,
+    HardState,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    InstallSnapshotResponse,
+    Member,
+    Membership,
+    Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    RequestVote,
+    RequestVoteResponse,
+    SnapshotMeta,
+    TimeoutNow,
+)
 
 FORMAT_VERSION = 1
 
@@ -181,3 +209,171 @@ class _Reader:
         if value not in (0, 1):
             raise CodecError(f"invalid boolean {value}")
         return value == 1
+
+
+# --- messages between members -------------------------------------------------------------------------
+
+WIRE_VERSION = 1  # of the message format; it changes independently of FORMAT_VERSION, the on-disk one
+
+_MESSAGE_HEADER = struct.Struct("<BB")  # version, tag
+
+
+@attrs.frozen
+class _MessageLayout:
+    """How one message type goes on the wire: its tag, its fixed-size fields, and any variable-size tail."""
+
+    tag: int
+    message_type: type[Any]
+    fixed_fields: tuple[str, ...]  # in `fixed` order; a leading dotted name reads a nested attribute
+    fixed: struct.Struct
+    boolean_fields: frozenset[str] = frozenset()
+    encode_tail: Callable[[list[bytes], Any], None] | None = None
+    decode_tail: Callable[[_Reader], dict[str, Any]] | None = None
+    get_fixed: Callable[[Any], Any] = attrs.field(init=False)
+
+    @get_fixed.default
+    def _get_fixed(self) -> Callable[[Any], Any]:
+        return operator.attrgetter(*self.fixed_fields)
+
+
+def _encode_append_entries_tail(parts: list[bytes], message: AppendEntries) -> None:
+    parts.append(_U32.pack(len(message.entries)))
+    for entry in message.entries:
+        _encode_entry(parts, entry)
+
+
+def _decode_append_entries_tail(reader: _Reader) -> dict[str, Any]:
+    (count,) = reader.unpack(_U32)
+    return {"entries": tuple(_decode_entry(reader) for _ in range(count))}
+
+
+def _encode_install_snapshot_tail(parts: list[bytes], message: InstallSnapshot) -> None:
+    _encode_membership(parts, message.meta.membership)
+    _encode_bytes(parts, message.data)
+
+
+def _decode_install_snapshot_tail(reader: _Reader) -> dict[str, Any]:
+    membership = _decode_membership(reader)
+    (length,) = reader.unpack(_U32)
+    return {"membership": membership, "data": reader.take(length)}
+
+
+def _encode_forward_proposal_tail(parts: list[bytes], message: ForwardProposal) -> None:
+    _encode_bytes(parts, message.data)
+    _encode_bytes(parts, message.request_id.encode())
+
+
+def _decode_forward_proposal_tail(reader: _Reader) -> dict[str, Any]:
+    (length,) = reader.unpack(_U32)
+    data = reader.take(length)
+    return {"data": data, "request_id": reader.string()}
+
+
+# Tags are part of the wire format: never renumber one, only add new ones.
+_MESSAGE_LAYOUTS: tuple[_MessageLayout, ...] = (
+    _MessageLayout(
+        1,
+        RequestVote,
+        ("term", "last_log_index", "last_log_term", "pre_vote", "transfer"),
+        struct.Struct("<QQQBB"),
+        frozenset({"pre_vote", "transfer"}),
+    ),
+    _MessageLayout(
+        2,
+        RequestVoteResponse,
+        ("term", "granted", "pre_vote"),
+        struct.Struct("<QBB"),
+        frozenset({"granted", "pre_vote"}),
+    ),
+    _MessageLayout(
+        3,
+        AppendEntries,
+        ("term", "prev_log_index", "prev_log_term", "leader_commit"),
+        struct.Struct("<QQQQ"),
+        encode_tail=_encode_append_entries_tail,
+        decode_tail=_decode_append_entries_tail,
+    ),
+    _MessageLayout(
+        4,
+        AppendEntriesResponse,
+        ("term", "success", "match_index", "rejected_index", "hint_index", "hint_term"),
+        struct.Struct("<QBQQQQ"),
+        frozenset({"success"}),
+    ),
+    _MessageLayout(5, Heartbeat, ("term", "commit", "read_context"), struct.Struct("<QQQ")),
+    _MessageLayout(6, HeartbeatResponse, ("term", "read_context"), struct.Struct("<QQ")),
+    _MessageLayout(
+        7,
+        InstallSnapshot,
+        ("term", "meta.index", "meta.term", "offset", "done"),
+        struct.Struct("<QQQQB"),
+        frozenset({"done"}),
+        encode_tail=_encode_install_snapshot_tail,
+        decode_tail=_decode_install_snapshot_tail,
+    ),
+    _MessageLayout(
+        8,
+        InstallSnapshotResponse,
+        ("term", "meta_index", "next_offset", "done"),
+        struct.Struct("<QQQB"),
+        frozenset({"done"}),
+    ),
+    _MessageLayout(9, TimeoutNow, ("term",), struct.Struct("<Q")),
+    _MessageLayout(
+        10,
+        ForwardProposal,
+        ("term",),
+        struct.Struct("<Q"),
+        encode_tail=_encode_forward_proposal_tail,
+        decode_tail=_decode_forward_proposal_tail,
+    ),
+    _MessageLayout(11, ReadIndexRequest, ("term", "context"), struct.Struct("<QQ")),
+    _MessageLayout(12, ReadIndexResponse, ("term", "context", "index"), struct.Struct("<QQQ")),
+)
+_LAYOUT_BY_TYPE: dict[type[Any], _MessageLayout] = {layout.message_type: layout for layout in _MESSAGE_LAYOUTS}
+_LAYOUT_BY_TAG: dict[int, _MessageLayout] = {layout.tag: layout for layout in _MESSAGE_LAYOUTS}
+MESSAGE_TAGS: dict[type[Any], int] = {layout.message_type: layout.tag for layout in _MESSAGE_LAYOUTS}
+
+
+def encode_message(message: Message) -> bytes:
+    """One message as a self-describing frame body; `decode_message` turns it back into an equal message.
+
+    Raises `CodecError` for a message the format cannot carry (an integer outside 0..2**64-1, a string that
+    is not valid Unicode); nothing is sent half-encoded, since the bytes are only returned whole.
+    """
+    layout = _LAYOUT_BY_TYPE.get(type(message))
+    if layout is None:
+        raise CodecError(f"{type(message).__name__} is not a Raft message")
+    try:
+        parts = [_MESSAGE_HEADER.pack(WIRE_VERSION, layout.tag)]
+        _encode_bytes(parts, message.source.encode())
+        _encode_bytes(parts, message.target.encode())
+        fixed = layout.get_fixed(message)
+        parts.append(layout.fixed.pack(*fixed) if len(layout.fixed_fields) > 1 else layout.fixed.pack(fixed))
+        if layout.encode_tail is not None:
+            layout.encode_tail(parts, message)
+    except (struct.error, UnicodeEncodeError) as exc:
+        raise CodecError(f"cannot encode {type(message).__name__}: {exc}") from None
+    return b"".join(parts)
+
+
+def decode_message(data: bytes | memoryview) -> Message:
+    """The inverse of `encode_message`. Raises `CodecError`, and only that, on any other input."""
+    with _Reader(data) as reader:
+        version, tag = reader.unpack(_MESSAGE_HEADER)
+        if version != WIRE_VERSION:
+            raise CodecError(f"message format version {version}, this version reads {WIRE_VERSION}")
+        layout = _LAYOUT_BY_TAG.get(tag)
+        if layout is None:
+            raise CodecError(f"unknown message tag {tag}")
+        fields: dict[str, Any] = {"source": reader.string(), "target": reader.string()}
+        for name, value in zip(layout.fixed_fields, reader.unpack(layout.fixed), strict=True):
+            fields[name] = reader.flag(value) if name in layout.boolean_fields else value
+        if layout.decode_tail is not None:
+            fields.update(layout.decode_tail(reader))
+    if layout.message_type is InstallSnapshot:
+        fields["meta"] = SnapshotMeta(
+            index=fields.pop("meta.index"), term=fields.pop("meta.term"), membership=fields.pop("membership")
+        )
+    message: Message = layout.message_type(**fields)
+    return message
