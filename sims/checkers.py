@@ -22,6 +22,7 @@ None of them iterate a set, so the order in which they report is part of the det
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import attrs
 
@@ -53,7 +54,7 @@ def fingerprint(entry: Entry) -> str:
 class RaftCheckers:
     """All the safety checkers, fed by one simulation. `now` gives the virtual time for reports."""
 
-    def __init__(self, now: object) -> None:
+    def __init__(self, now: Callable[[], float]) -> None:
         self._now = now
         self.violations: list[Violation] = []
         self.leaders: dict[int, str] = {}  # term -> leader
@@ -65,15 +66,8 @@ class RaftCheckers:
         self.applied_at: dict[int, tuple[int, str, str]] = {}  # index -> (term, fingerprint, first applier)
         self.acknowledged: dict[str, tuple[int, int]] = {}  # member -> (term, match index) of last ack sent
 
-    def _time(self) -> float:
-        now = self._now
-        assert callable(now)
-        value = now()
-        assert isinstance(value, float)
-        return value
-
     def fail(self, checker: str, detail: str) -> None:
-        self.violations.append(Violation(checker, self._time(), detail))
+        self.violations.append(Violation(checker, self._now(), detail))
 
     # --- RaftObserver ------------------------------------------------------------------------------------
 

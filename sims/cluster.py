@@ -459,9 +459,7 @@ class Simulation:
                 # Heal: the network is whole again and every member is up.
                 self.heal_started = self.virtual_time.now()
                 self.trace.add("heal", "")
-                self.network.heal()
-                while self.network.clogged_links():
-                    self.network.unclog_one(self.fault_rng)
+                self.network.heal()  # ends partitions and releases every clogged link
                 for member in self.members.values():
                     if not member.alive:
                         await self.start_member(nursery, member)

@@ -93,9 +93,6 @@ class Ready:
     read_states: tuple[ReadState, ...]
     soft_state: SoftState | None
 
-    def must_sync(self) -> bool:
-        return self.hard_state is not None or bool(self.entries) or self.snapshot is not None
-
 
 @attrs.define
 class _ReadRequest:

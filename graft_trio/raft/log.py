@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from graft_trio.raft.messages import Entry, EntryKind, Membership, SnapshotMeta
+from graft_trio.raft.messages import Entry, Membership, SnapshotMeta
 
 
 class RaftLog:
@@ -190,6 +190,3 @@ class RaftLog:
         self.memberships = [(i, m) for i, m in self.memberships if i > index]
         self.offset, self.offset_term = index, term
 
-
-def is_noop(entry: Entry) -> bool:
-    return entry.kind == EntryKind.NOOP

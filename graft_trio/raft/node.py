@@ -23,7 +23,7 @@ import attrs
 import trio
 
 from graft_trio.clock import Clock, TrioClock
-from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role, SoftState
+from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role
 from graft_trio.raft.errors import (
     MembershipChangeError,
     NodeStoppedError,
@@ -197,8 +197,6 @@ class RaftNode:
         self._send_events, self._receive_events = trio.open_memory_channel[object](65536)
         self._changed = trio.Event()  # set (and replaced) after every turn of the loop
         self._running = False
-        self._stopped = False
-        self._nursery: trio.Nursery | None = None
         self.applied_index = 0
         self._last_tick_at = 0.0
         self._tick_due = -1.0
@@ -235,7 +233,6 @@ class RaftNode:
             async with self.transport.open_endpoint(self.node_id, self.address, self._on_message) as endpoint:
                 self._endpoint = endpoint
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
                     nursery.start_soon(self._tick_loop)
                     if core.membership.voters == (self.node_id,):
                         core.campaign_now()
@@ -244,7 +241,6 @@ class RaftNode:
                     await self._main_loop()
         finally:
             self._running = False
-            self._stopped = True
             self._endpoint = None
             error = NodeStoppedError(f"member {self.node_id} stopped")
             for waiter in self._waiters.values():
@@ -697,11 +693,6 @@ class RaftNode:
     @property
     def is_leader(self) -> bool:
         return self.core is not None and self.core.role is Role.LEADER
-
-    @property
-    def soft_state(self) -> SoftState:
-        core = self._core()
-        return SoftState(core.role, core.leader_id, core.term)
 
 
 __all__ = ["Message", "RaftConfig", "RaftNode", "RaftObserver", "RaftStatus"]
