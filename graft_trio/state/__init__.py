@@ -1,0 +1,82 @@
+"""graft_trio.state: the replicated workflow state machine (pure, deterministic, no I/O).
+
+The engine proposes the commands of `graft_trio.state.commands` (encoded with `encode`) through
+`RaftNode.propose`, decodes the replies with `decode`, reads with `RaftNode.read`, and reacts to the
+events `WorkflowStateMachine` hands its listener on every member. docs/STATE.md describes the rules.
+"""
+
+from graft_trio.state.commands import (
+    REFUSALS,
+    CancelWorkflow,
+    Claim,
+    Claimed,
+    ClaimGrant,
+    ClaimLost,
+    CodecError,
+    CompleteStep,
+    FailStep,
+    GetWorkflow,
+    Invalid,
+    InvalidTransition,
+    ListWorkflows,
+    MemberClaims,
+    NextDeadline,
+    NotFound,
+    ParkStep,
+    PauseWorkflow,
+    QueueDepth,
+    ReleaseClaims,
+    RenewClaims,
+    ResumeWorkflow,
+    RetryWorkflow,
+    StartWorkflow,
+    Stats,
+    Tick,
+    WorkflowExists,
+    WorkflowView,
+    decode,
+    encode,
+)
+from graft_trio.state.machine import WorkflowStateMachine, retry_delay
+from graft_trio.state.merge_patch import apply_merge_patch, merge_patch
+from graft_trio.state.model import NodeSpec, StepStatus, WorkflowStatus
+
+__all__ = [
+    "REFUSALS",
+    "CancelWorkflow",
+    "Claim",
+    "ClaimGrant",
+    "ClaimLost",
+    "Claimed",
+    "CodecError",
+    "CompleteStep",
+    "FailStep",
+    "GetWorkflow",
+    "Invalid",
+    "InvalidTransition",
+    "ListWorkflows",
+    "MemberClaims",
+    "NextDeadline",
+    "NodeSpec",
+    "NotFound",
+    "ParkStep",
+    "PauseWorkflow",
+    "QueueDepth",
+    "ReleaseClaims",
+    "RenewClaims",
+    "ResumeWorkflow",
+    "RetryWorkflow",
+    "StartWorkflow",
+    "Stats",
+    "StepStatus",
+    "Tick",
+    "WorkflowExists",
+    "WorkflowStateMachine",
+    "WorkflowStatus",
+    "WorkflowView",
+    "apply_merge_patch",
+    "decode",
+    "encode",
+    "merge_patch",
+    "retry_delay",
+]
