@@ -1,5 +1,29 @@
 """graft-trio: an embeddable workflow engine and distributed job runner for trio, replicated by Raft."""
 
+from graft_trio.events import EventsDropped
+from graft_trio.manager import (
+    ClusterInfo,
+    Health,
+    InvalidTransitionError,
+    Manager,
+    MemberInfo,
+    WorkflowSummary,
+)
+from graft_trio.state.events import (
+    CommandBroadcast,
+    LeaderChanged,
+    MemberJoined,
+    MemberLeft,
+    NodeCompleted,
+    NodeFailed,
+    NodeStarted,
+    WorkflowCancelled,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowPaused,
+    WorkflowResumed,
+    WorkflowStarted,
+)
 from graft_trio.workflow.types import (
     NextNode,
     Node,
@@ -22,20 +46,40 @@ from graft_trio.workflow.types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClusterInfo",
+    "CommandBroadcast",
+    "EventsDropped",
+    "Health",
+    "InvalidTransitionError",
+    "LeaderChanged",
+    "Manager",
+    "MemberInfo",
+    "MemberJoined",
+    "MemberLeft",
     "NextNode",
     "Node",
+    "NodeCompleted",
     "NodeConfig",
     "NodeContext",
+    "NodeFailed",
     "NodeRegistrationError",
     "NodeResult",
+    "NodeStarted",
     "NonRetryableError",
     "PayloadError",
     "RetryPolicy",
     "StepInfo",
     "StepStatus",
+    "WorkflowCancelled",
+    "WorkflowCompleted",
     "WorkflowExistsError",
+    "WorkflowFailed",
     "WorkflowNotFoundError",
+    "WorkflowPaused",
+    "WorkflowResumed",
+    "WorkflowStarted",
     "WorkflowState",
     "WorkflowStatus",
+    "WorkflowSummary",
     "WorkflowTrigger",
 ]

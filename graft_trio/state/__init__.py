@@ -7,6 +7,8 @@ events `WorkflowStateMachine` hands its listener on every member. docs/STATE.md 
 
 from graft_trio.state.commands import (
     REFUSALS,
+    Broadcast,
+    Broadcasted,
     CancelWorkflow,
     Claim,
     Claimed,
@@ -43,6 +45,8 @@ from graft_trio.state.model import NodeSpec, StepStatus, WorkflowStatus
 
 __all__ = [
     "REFUSALS",
+    "Broadcast",
+    "Broadcasted",
     "CancelWorkflow",
     "Claim",
     "ClaimGrant",

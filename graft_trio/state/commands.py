@@ -174,6 +174,17 @@ class Tick:
     now: float
 
 
+@attrs.frozen(slots=True)
+class Broadcast:
+    """A command for every member (`Manager.broadcast`): changes no workflow, only emits `CommandBroadcast`,
+    which each member turns into one call of its handler for `name`."""
+
+    now: float
+    name: str
+    params: Any
+    origin: str  # the member that broadcast it
+
+
 Command = (
     StartWorkflow
     | Claim
@@ -187,6 +198,7 @@ Command = (
     | CancelWorkflow
     | RetryWorkflow
     | Tick
+    | Broadcast
 )
 
 # --- replies to commands ---------------------------------------------------------------------------------
@@ -299,9 +311,24 @@ class Ticked:
     now: float
 
 
+@attrs.frozen(slots=True)
+class Broadcasted:
+    index: int  # the log index of the broadcast, which its `CommandBroadcast` events carry
+
+
 Refusal = Invalid | WorkflowExists | NotFound | ClaimLost | InvalidTransition
 Result = (
-    Refusal | Started | Claimed | Renewed | Released | StepCompleted | StepFailed | StepParked | StatusChanged | Ticked
+    Refusal
+    | Started
+    | Claimed
+    | Renewed
+    | Released
+    | StepCompleted
+    | StepFailed
+    | StepParked
+    | StatusChanged
+    | Ticked
+    | Broadcasted
 )
 REFUSALS = (Invalid, WorkflowExists, NotFound, ClaimLost, InvalidTransition)
 
@@ -466,6 +493,7 @@ _TAGS: dict[type[Any], int] = {
     CancelWorkflow: 10,
     RetryWorkflow: 11,
     Tick: 12,
+    Broadcast: 13,
     # replies
     Invalid: 32,
     WorkflowExists: 33,
@@ -481,6 +509,7 @@ _TAGS: dict[type[Any], int] = {
     StepParked: 43,
     StatusChanged: 44,
     Ticked: 45,
+    Broadcasted: 46,
     # queries
     GetWorkflow: 64,
     ListWorkflows: 65,

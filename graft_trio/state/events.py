@@ -152,6 +152,17 @@ class StepsReady:
     node_names: tuple[str, ...]
 
 
+@attrs.frozen(slots=True)
+class CommandBroadcast:
+    """A `Broadcast` command applied: every member calls its handler for `name` once."""
+
+    index: int
+    name: str
+    params: Any
+    origin: str
+    broadcast_at: float
+
+
 Event = (
     WorkflowStarted
     | WorkflowCompleted
@@ -166,4 +177,5 @@ Event = (
     | MemberLeft
     | LeaderChanged
     | StepsReady
+    | CommandBroadcast
 )

@@ -36,6 +36,7 @@ from graft_trio.raft.statemachine import StateMachine
 from graft_trio.state import commands as c
 from graft_trio.state.commands import CodecError, decode, decoder_for, encode, encoder_for
 from graft_trio.state.events import (
+    CommandBroadcast,
     Event,
     NodeCompleted,
     NodeFailed,
@@ -269,7 +270,7 @@ class WorkflowStateMachine(StateMachine):
                 claim_id=claim_id,
                 member_id=cmd.member_id,
                 attempt=step.attempts,
-                execution_id=f"{wf.workflow_id}/{step.spec.name}/{claim_id}",
+                execution_id=f"{wf.workflow_id}/{step.spec.name}/{step.step_id}",  # one per step, all attempts
                 claimed_at=self.now,
                 lease_expires_at=self.now + cmd.lease_seconds,
             )
@@ -495,6 +496,12 @@ class WorkflowStateMachine(StateMachine):
 
     def _tick(self, cmd: c.Tick) -> c.Result:
         return c.Ticked(self.now)
+
+    def _broadcast(self, cmd: c.Broadcast) -> c.Result:
+        if not cmd.name:
+            raise InvalidCommand("a broadcast command needs a name")
+        self._events.append(CommandBroadcast(self._index, cmd.name, cmd.params, cmd.origin, self.now))
+        return c.Broadcasted(self._index)
 
     # --- time -------------------------------------------------------------------------------------------
 
@@ -1063,6 +1070,7 @@ _HANDLERS: dict[type[Any], Callable[[WorkflowStateMachine, Any], c.Result]] = {
     c.CancelWorkflow: WorkflowStateMachine._cancel,
     c.RetryWorkflow: WorkflowStateMachine._retry,
     c.Tick: WorkflowStateMachine._tick,
+    c.Broadcast: WorkflowStateMachine._broadcast,
 }
 
 
