@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from graft_trio.clock import Clock, TrioClock
+from graft_trio.clock import Clock, WallClock
 from graft_trio.events import DEFAULT_CAPACITY, EventHub, Subscription, run_handler
 from graft_trio.raft.errors import NodeStoppedError
 from graft_trio.raft.node import RaftConfig, RaftNode
@@ -165,7 +165,7 @@ class Manager:
         self.bind = bind
         self.retention = float(retention)
         self.request_timeout = request_timeout
-        self.clock = clock or TrioClock()
+        self.clock = clock or WallClock()
         self.rng = rng if rng is not None else random.Random()
         options = dict(transport_options or {})
         if isinstance(transport, str) and transport != "memory":
