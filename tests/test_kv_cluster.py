@@ -23,7 +23,7 @@ from examples.kv_cluster import KvClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "kv-cluster-test-secret"
-TRANSPORTS = ["tcp"]
+TRANSPORTS = ["tcp", "websocket"]
 
 
 def free_port() -> int:

@@ -19,17 +19,20 @@ from pathlib import Path
 import hypothesis.strategies as st
 import pytest
 import trio
+import trio_websocket
 import trustme
 from hypothesis import given
+from wsproto.events import BytesMessage, TextMessage
 
 from graft_trio.raft import RaftConfig, RaftNode
-from graft_trio.raft.codec import encode_message
+from graft_trio.raft.codec import decode_message, encode_message
 from graft_trio.raft.messages import (
     AppendEntries,
     Entry,
     InstallSnapshot,
     Member,
     Membership,
+    Message,
     SnapshotMeta,
 )
 from graft_trio.transport import Endpoint, TlsConfig, available_transports, load_transport
@@ -41,10 +44,13 @@ from tests.transport_helpers import (
     Inbox,
     NetworkFactory,
     TransportFactory,
+    TrioWebsocketPeer,
     all_tasks,
     beat,
     free_tcp_addresses,
+    open_raw_websocket,
     tls_config,
+    trio_websocket_peer,
 )
 from transports._framing import (
     FRAME_HEADER,
@@ -64,8 +70,9 @@ from transports._handshake import (
     new_hello,
     proof,
 )
-from transports._links import LinkEndpoint, LinkOptions, backoff_delay
+from transports._links import LinkEndpoint, LinkOptions, LinkTransport, backoff_delay
 from transports.tcp import TcpTransport, parse_address
+from transports.websocket import WEBSOCKET_PATH, WebsocketTransport
 
 GUARD = 10.0  # seconds: no real-network test step should come near this
 
@@ -347,6 +354,16 @@ async def assert_closed_by_peer(connection: FramedConnection) -> None:
     await connection.aclose()
 
 
+async def assert_refused_before_any_frame(network: NetworkFactory, address: str) -> None:
+    """A new connection to `address` is closed without a frame: on TCP once connected, on websocket while
+    it is opened (the listener closes it before answering the upgrade)."""
+    try:
+        connection = await network.make().connect(address)
+    except ConnectionLostError:
+        return
+    await assert_closed_by_peer(connection)
+
+
 async def test_an_oversized_frame_closes_only_that_connection(
     network: NetworkFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -468,7 +485,11 @@ async def test_a_restarted_peer_is_reconnected_and_messages_flow_again(network: 
 @pytest.mark.parametrize("handshake", [True, False], ids=["never-reads", "never-answers-the-handshake"])
 async def test_a_peer_that_never_reads_does_not_hold_up_the_others(network: NetworkFactory, handshake: bool) -> None:
     transport = network.make(
-        max_frame_bytes=1024 * 1024, queue_bytes=2 * 1024 * 1024, write_timeout=None, handshake_timeout=GUARD
+        max_frame_bytes=1024 * 1024,
+        queue_bytes=2 * 1024 * 1024,
+        write_timeout=None,
+        handshake_timeout=GUARD,
+        connect_timeout=GUARD,  # a websocket dial waits in connect for the upgrade the peer never answers
     )
     inbox = Inbox()
     big = InstallSnapshot("a", "slow", 1, SnapshotMeta(), offset=0, data=b"z" * (512 * 1024), done=False)
@@ -492,7 +513,7 @@ async def test_a_peer_that_never_reads_does_not_hold_up_the_others(network: Netw
         a.send("slow", slow_address, big)
         assert a.stats.dropped_queue_full == dropped + 1  # still stuck while c got everything
         assert inbox.sequence_from("a") == list(range(2000))
-        # The slow peer's writer is stuck in a write (or in the handshake), not failed.
+        # The slow peer's writer is stuck in a write (or in the handshake, or the websocket upgrade), not failed.
         assert a.stats.connections_failed == 0
         assert ("slow" in a.connected_peers()) == handshake
 
@@ -538,8 +559,7 @@ async def test_connections_beyond_max_pending_handshakes_are_closed_at_once(netw
         with trio.fail_after(GUARD):
             idle = [await network.make().connect(b.address) for _ in range(2)]
             await b.wait_until(lambda: b.pending_handshakes == 2)
-            extra = await network.make().connect(b.address)
-            await assert_closed_by_peer(extra)  # long before the handshake timeout
+            await assert_refused_before_any_frame(network, b.address)  # long before the handshake timeout
             assert b.stats.inbound_refused == 1
             for connection in idle:
                 await connection.aclose()
@@ -685,28 +705,195 @@ async def test_a_client_without_a_certificate_is_refused(
     assert any(line.startswith("a: refused a connection from") for line in warnings_from(caplog))
 
 
+# --- the websocket transport -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["ws", "wss"])
+async def test_a_member_accepts_another_websocket_implementation(secure: bool, ca: trustme.CA) -> None:
+    """trio-websocket's client, speaking the protocol as documented, is a member like any other: it opens
+    ws:// (or wss://) host:port/graft-raft, runs the handshake, and its frames arrive in order, one or
+    several to a message; its ping is answered."""
+    tls = tls_config(ca) if secure else None
+    secret = b"interop"
+    inbox = Inbox()
+    async with WebsocketTransport(tls=tls, cluster_secret=secret).open_endpoint("b", "127.0.0.1:0", inbox) as endpoint:
+        b = as_link(endpoint)
+        with trio.fail_after(GUARD):
+            async with trio_websocket_peer(b.address, tls=tls) as peer:
+                await dial_handshake(peer, "x", "x.fake:1", secret)
+                await peer.send_frames([encode_message(beat("x", "b", 0)), encode_message(beat("x", "b", 1))])
+                await peer.send_frames([encode_message(beat("x", "b", 2))])
+                await inbox.wait_for_count(3)
+                await peer.websocket.ping(b"still there?")
+        assert inbox.sequence_from("x") == [0, 1, 2]
+        assert b.peer_address("x") == "x.fake:1"
+
+
+async def test_a_member_dials_another_websocket_implementation() -> None:
+    """A trio-websocket server at /graft-raft receives a member's handshake and messages; the messages
+    queued together travel in one websocket message."""
+    received: list[Message] = []
+    websocket_messages = 0
+    done = trio.Event()
+
+    async def serve(request: trio_websocket.WebSocketRequest) -> None:
+        nonlocal websocket_messages
+        assert request.path == WEBSOCKET_PATH
+        peer = TrioWebsocketPeer(await request.accept())
+        await accept_handshake(peer, "b", "b.fake:1", b"interop")
+        after_handshake = peer.messages_received
+        while len(received) < 3:
+            received.append(decode_message(await peer.receive_frame(1024)))
+        websocket_messages = peer.messages_received - after_handshake
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, serve, "127.0.0.1", 0, None)
+        async with WebsocketTransport(cluster_secret=b"interop").open_endpoint("a", "127.0.0.1:0", Inbox()) as a:
+            for sequence in range(3):
+                a.send("b", f"127.0.0.1:{server.port}", beat("a", "b", sequence))
+            with trio.fail_after(GUARD):
+                await done.wait()
+        nursery.cancel_scope.cancel()
+    assert received == [beat("a", "b", sequence) for sequence in range(3)]
+    assert websocket_messages == 1  # queued before the connection opened, written as one batch
+
+
+async def test_a_dial_whose_upgrade_is_refused_fails_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    async def refuse(request: trio_websocket.WebSocketRequest) -> None:
+        await request.reject(403)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(trio_websocket.serve_websocket, refuse, "127.0.0.1", 0, None)
+        async with WebsocketTransport(cluster_secret="s").open_endpoint("a", "127.0.0.1:0", Inbox()) as endpoint:
+            a = as_link(endpoint)
+            a.send("b", f"127.0.0.1:{server.port}", beat("a", "b", 0))
+            with trio.fail_after(GUARD):
+                await a.wait_until(lambda: a.stats.connections_failed >= 1)
+        nursery.cancel_scope.cancel()
+    assert a.stats.dropped_unsent == 1
+    assert any(line.startswith("a: cannot connect to b at 127.0.0.1:") and "HTTP 403" in line
+               for line in warnings_from(caplog))
+
+
+async def test_a_frame_header_over_the_limit_closes_the_websocket_before_any_body() -> None:
+    """The limit applies to each frame's length header, whatever the websocket message announces: a
+    message that claims a terabyte and starts with a 4 GiB frame header is cut off at once."""
+    transport = WebsocketTransport(max_frame_bytes=64 * 1024)
+    async with transport.open_endpoint("b", "127.0.0.1:0", Inbox()) as endpoint:
+        b = as_link(endpoint)
+        with trio.fail_after(GUARD):
+            stream, _, raw = await open_raw_websocket(b.address)
+            await dial_handshake(raw, "x", "x:1", None)
+            # FIN and binary; masked, with a 64-bit length; a zero mask leaves the payload as it is.
+            header = bytes([0x82, 0x80 | 127]) + (2**40).to_bytes(8, "big") + b"\0\0\0\0"
+            await stream.send_all(header + FRAME_HEADER.pack(2**32 - 1))
+            await assert_closed_by_peer(raw)
+        assert b.stats.inbound_bad_frames == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "logged"),
+    [
+        ("split-frame", "a websocket message ended inside a frame"),
+        ("text-message", "a websocket text message"),
+        ("reserved-opcode", "invalid websocket data"),
+        ("unmasked", "invalid websocket data"),
+    ],
+)
+async def test_websocket_data_that_is_not_whole_frames_closes_only_that_connection(
+    kind: str, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = WebsocketTransport()
+    inbox = Inbox()
+    frame = encode_message(beat("x", "b", 1))
+    async with transport.open_endpoint("a", "127.0.0.1:0", Inbox()) as a, transport.open_endpoint(
+        "b", "127.0.0.1:0", inbox
+    ) as b:
+        with trio.fail_after(GUARD):
+            stream, protocol, raw = await open_raw_websocket(b.address)
+            await dial_handshake(raw, "x", "x.fake:1", None)
+            if kind == "split-frame":  # a frame's last bytes in the next message
+                data = protocol.send(BytesMessage(data=encode_frames([frame])[:-3]))
+                data += protocol.send(BytesMessage(data=frame[-3:]))
+            elif kind == "text-message":
+                data = protocol.send(TextMessage(data="hello"))
+            elif kind == "reserved-opcode":
+                data = bytes([0x83, 0x80]) + b"\0\0\0\0"
+            else:  # a client's frames must be masked
+                data = bytes([0x82, len(frame) + 4]) + encode_frames([frame])
+            await stream.send_all(data)
+            await assert_closed_by_peer(raw)
+            a.send("b", b.address, beat("a", "b", 0))
+            await inbox.wait_for_count(1)
+        assert inbox.messages == [beat("a", "b", 0)]
+        assert as_link(b).stats.inbound_bad_frames == 1
+    assert any(logged in line and "member x at x.fake:1" in line for line in warnings_from(caplog))
+
+
+async def test_requests_that_are_not_the_graft_websocket_are_refused(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    inbox = Inbox()
+    async with WebsocketTransport(handshake_timeout=0.3).open_endpoint("b", "127.0.0.1:0", inbox) as endpoint:
+        b = as_link(endpoint)
+        host, port = parse_address(b.address)
+        with trio.fail_after(GUARD):
+            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                async with trio_websocket_peer(b.address, path="/elsewhere"):
+                    pass
+            assert rejected.value.status_code == 404
+            for request in (b"GET /graft-raft HTTP/1.1\r\nHost: b\r\n\r\n", b"\x16\x03\x01 not HTTP\r\n\r\n"):
+                stream = await trio.open_tcp_stream(host, port)
+                await stream.send_all(request)
+                assert (await receive_until_closed(stream)).startswith(b"HTTP/1.1 400 ")
+            silent = await trio.open_tcp_stream(host, port)
+            assert await receive_until_closed(silent) == b""  # after the handshake timeout
+            probe = await trio.open_tcp_stream(host, port)  # connects and hangs up: refused quietly
+            await probe.aclose()
+            await b.wait_until(lambda: b.stats.inbound_refused == 5)
+    assert not inbox.messages
+    refusals = [line for line in warnings_from(caplog) if line.startswith("b: refused a connection from 127.0.0.1:")]
+    assert len(refusals) == 4
+    assert any("websocket request for '/elsewhere', not '/graft-raft'" in line for line in refusals)
+    assert sum("not a websocket upgrade" in line for line in refusals) == 2
+    assert any("handshake timed out" in line for line in refusals)
+
+
+async def receive_until_closed(stream: trio.SocketStream) -> bytes:
+    received = b""
+    with contextlib.suppress(trio.BrokenResourceError):
+        while data := await stream.receive_some():
+            received += data
+    await stream.aclose()
+    return received
+
+
 # --- by name, and under Raft --------------------------------------------------------------------------------
 
 
-def test_the_tcp_transport_is_found_by_name_with_its_options() -> None:
-    assert "tcp" in available_transports()
-    transport = load_transport("tcp", cluster_secret="s3cret", max_frame_bytes=8 * 1024 * 1024, queue_bytes=64 << 20)
-    assert isinstance(transport, TcpTransport)
+@pytest.mark.parametrize(("name", "kind"), [("tcp", TcpTransport), ("websocket", WebsocketTransport)])
+def test_a_network_transport_is_found_by_name_with_its_options(name: str, kind: type[LinkTransport]) -> None:
+    assert name in available_transports()
+    transport = load_transport(name, cluster_secret="s3cret", max_frame_bytes=8 * 1024 * 1024, queue_bytes=64 << 20)
+    assert isinstance(transport, kind)
     assert transport.options.cluster_secret == b"s3cret"
     assert transport.options.max_frame_bytes == 8 * 1024 * 1024
     with pytest.raises(TypeError):
-        load_transport("tcp", no_such_option=1)
+        load_transport(name, no_such_option=1)
 
 
-async def test_raft_members_over_tcp_elect_a_leader_replicate_and_admit_a_joining_member() -> None:
+@pytest.mark.parametrize("transport", NETWORK_TRANSPORTS)
+async def test_raft_members_over_a_network_transport_elect_a_leader_replicate_and_admit_a_joining_member(
+    transport: str,
+) -> None:
     addresses = free_tcp_addresses(4)
     ids = ["n1", "n2", "n3"]
-    options = {"cluster_secret": "raft over tcp", "backoff_max": 0.2}
+    options = {"cluster_secret": f"raft over {transport}", "backoff_max": 0.2}
     config = RaftConfig(tick_interval=0.02, durable=False)
 
     def member(node_id: str, address: str, peers: dict[str, str], *, join: bool = False) -> RaftNode:
         return RaftNode(
-            node_id, address, peers, state_machine=KeyValue(), transport="tcp", transport_options=options,
+            node_id, address, peers, state_machine=KeyValue(), transport=transport, transport_options=options,
             config=config, join=join,
         )
 

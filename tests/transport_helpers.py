@@ -9,17 +9,22 @@ from __future__ import annotations
 import abc
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import trio
+import trio_websocket
 import trustme
+from wsproto import ConnectionType, WSConnection
 
 from graft_trio.raft.messages import Heartbeat, Message
 from graft_trio.transport import TlsConfig, Transport
+from transports._framing import ConnectionLostError, FramedConnection, FrameDecoder, FrameError, encode_frames
 from transports._links import LinkTransport
 from transports.memory import MemoryNetwork, MemoryTransport
-from transports.tcp import TcpTransport, parse_address
+from transports.tcp import TcpTransport, format_address, parse_address
+from transports.websocket import WEBSOCKET_PATH, WebsocketConnection, WebsocketTransport
 
 # Fast reconnection and short timeouts, so that the real-network tests finish quickly.
 TEST_LINK_OPTIONS: dict[str, Any] = {
@@ -97,7 +102,18 @@ class TcpFactory(NetworkFactory):
         return True
 
 
-FACTORIES: dict[str, Callable[[], TransportFactory]] = {"memory": MemoryFactory, "tcp": TcpFactory}
+class WebsocketFactory(TcpFactory):
+    name = "websocket"
+
+    def make(self, **options: Any) -> LinkTransport:
+        return WebsocketTransport(**{**TEST_LINK_OPTIONS, **options})
+
+
+FACTORIES: dict[str, Callable[[], TransportFactory]] = {
+    "memory": MemoryFactory,
+    "tcp": TcpFactory,
+    "websocket": WebsocketFactory,
+}
 ALL_TRANSPORTS = list(FACTORIES)
 NETWORK_TRANSPORTS = [name for name, factory in FACTORIES.items() if factory().network]
 
@@ -171,3 +187,61 @@ def all_tasks() -> set[trio.lowlevel.Task]:
         for nursery in task.child_nurseries:
             pending.extend(nursery.child_tasks)
     return found
+
+
+# --- websocket peers written independently of the transport -------------------------------------------------
+
+
+class TrioWebsocketPeer(FramedConnection):
+    """A member's side of a websocket connection as another implementation writes it: trio-websocket's
+    (client or server), with frames after their length in binary messages (docs/TRANSPORTS.md). Open a
+    client with `trio_websocket_peer`."""
+
+    def __init__(self, websocket: trio_websocket.WebSocketConnection) -> None:
+        self.websocket = websocket
+        self.peer = "trio-websocket"
+        self.messages_received = 0
+        self._decoder = FrameDecoder()
+
+    async def send_frames(self, frames: Sequence[bytes]) -> None:
+        try:
+            await self.websocket.send_message(encode_frames(frames))
+        except trio_websocket.ConnectionClosed as exc:
+            raise ConnectionLostError(repr(exc)) from exc
+
+    async def receive_frame(self, limit: int) -> bytes:
+        while (frame := self._decoder.next_frame(limit)) is None:
+            try:
+                message = await self.websocket.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                raise ConnectionLostError(repr(exc)) from exc
+            if isinstance(message, str):
+                raise FrameError("a text message")
+            self.messages_received += 1
+            self._decoder.feed(message)
+        return frame
+
+    async def aclose(self) -> None:
+        await self.websocket.aclose()
+
+
+@asynccontextmanager
+async def trio_websocket_peer(
+    address: str, *, path: str = WEBSOCKET_PATH, tls: TlsConfig | None = None
+) -> AsyncIterator[TrioWebsocketPeer]:
+    """A trio-websocket client connected to ``ws://address/path`` (``wss://`` with `tls`)."""
+    host, port = parse_address(address)
+    use_ssl: bool | ssl.SSLContext = tls.client_context if tls is not None else False
+    async with trio_websocket.open_websocket(host, port, path, use_ssl=use_ssl, disconnect_timeout=1) as websocket:
+        yield TrioWebsocketPeer(websocket)
+
+
+async def open_raw_websocket(address: str) -> tuple[trio.SocketStream, WSConnection, WebsocketConnection]:
+    """A websocket to a member, upgraded and nothing more, with its socket and its wsproto state exposed so
+    that a test can write whatever bytes it likes."""
+    host, port = parse_address(address)
+    stream = await trio.open_tcp_stream(host, port)
+    protocol = WSConnection(ConnectionType.CLIENT)
+    connection = WebsocketConnection(stream, "test", protocol)
+    await connection.request_upgrade(format_address(host, port))
+    return stream, protocol, connection

@@ -73,7 +73,7 @@ class LinkOptions:
       of `snapshot_chunk_bytes` (512 KiB), plus their headers, or a single entry larger than that.
     - `queue_messages`, `queue_bytes`: the bound of each peer's send queue.
     - `backoff_initial`, `backoff_max`: the reconnection backoff, in seconds (full jitter).
-    - `connect_timeout`: to open a connection (TCP connect and the TLS handshake).
+    - `connect_timeout`: to open a connection (TCP connect, the TLS handshake, the websocket upgrade).
     - `handshake_timeout`: for the hello exchange and proofs, on both sides.
     - `write_timeout`: a write that makes no headway for this long closes the connection (None: never).
     - `max_pending_handshakes`: accepted connections still in their handshake; more are closed at once.
