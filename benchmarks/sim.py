@@ -2,9 +2,10 @@
 
 Each seed is one `sims.cluster.run_seed` (Raft members, clients, the fault schedule and the checkers,
 including the linearizability check at the end), timed with `time.perf_counter`. For scale, the same run
-also times a bare `trio.run` on the same kind of clock (`MockClock(autojump_threshold=0)`) in which one
-task per member sleeps in a loop at the Raft tick rate (20 Hz) for the same total virtual time: the cost
-of trio and the virtual clock alone, with no Raft, network or checkers.
+also times a bare `trio.run` in which one task per member sleeps in a loop at the Raft tick rate (20 Hz)
+for the same total virtual time: the cost of trio and a virtual clock alone, with no Raft, network or
+checkers. It does so on trio's `MockClock(autojump_threshold=0)` (the clock the simulator used until
+it got its own) and on the simulator's `sims.scheduler.VirtualClock`.
 
     python -m benchmarks sim [--seeds 10] [--start 0]
 
@@ -22,6 +23,7 @@ import trio
 import trio.testing
 
 from sims.cluster import SimOptions, run_seed
+from sims.scheduler import VirtualClock
 
 NODES = 5
 PEER_TICK_INTERVAL = 0.05  # RaftConfig.tick_interval: the rate at which every member's driver wakes up
@@ -37,10 +39,10 @@ async def _sleepers(tasks: int, interval: float, duration: float) -> None:
             nursery.start_soon(sleeper)
 
 
-def clock_cost(tasks: int, interval: float, duration: float) -> float:
+def clock_cost(tasks: int, interval: float, duration: float, clock: trio.abc.Clock) -> float:
     """Wall seconds for `tasks` tasks to each sleep every `interval` virtual seconds for `duration`."""
     started = time.perf_counter()
-    trio.run(_sleepers, tasks, interval, duration, clock=trio.testing.MockClock(autojump_threshold=0))
+    trio.run(_sleepers, tasks, interval, duration, clock=clock)
     return time.perf_counter() - started
 
 
@@ -73,13 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     speed = total_virtual / total_wall
     print(f"total: {total_virtual:.1f} virtual s in {total_wall:.2f} wall s")
 
-    peer_wall = clock_cost(NODES, PEER_TICK_INTERVAL, total_virtual)
-    print(
-        f"peer: bare trio.run on MockClock(autojump_threshold=0), {NODES} tasks sleeping at "
-        f"{1 / PEER_TICK_INTERVAL:.0f} Hz for {total_virtual:.1f} virtual s: {peer_wall:.2f} wall s "
-        f"({total_virtual / peer_wall:.0f}x real time), "
-        f"{100 * peer_wall / total_wall:.1f}% of the simulation's wall time"
-    )
+    peers: list[tuple[str, trio.abc.Clock]] = [
+        ("MockClock(autojump_threshold=0)", trio.testing.MockClock(autojump_threshold=0)),
+        ("the simulator's VirtualClock", VirtualClock()),
+    ]
+    for name, clock in peers:
+        peer_wall = clock_cost(NODES, PEER_TICK_INTERVAL, total_virtual, clock)
+        print(
+            f"peer: bare trio.run on {name}, {NODES} tasks sleeping at "
+            f"{1 / PEER_TICK_INTERVAL:.0f} Hz for {total_virtual:.1f} virtual s: {peer_wall:.2f} wall s "
+            f"({total_virtual / peer_wall:.0f}x real time), "
+            f"{100 * peer_wall / total_wall:.1f}% of the simulation's wall time"
+        )
     print(f"sim_speed_x_realtime: {speed:.1f}")
     return 0
 

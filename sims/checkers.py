@@ -65,6 +65,20 @@ class RaftCheckers:
         self.commit_seen: dict[str, int] = {}  # member -> highest commit index recorded from it
         self.applied_at: dict[int, tuple[int, str, str]] = {}  # index -> (term, fingerprint, first applier)
         self.acknowledged: dict[str, tuple[int, int]] = {}  # member -> (term, match index) of last ack sent
+        self._fingerprints: dict[tuple[int, int], tuple[Entry, str]] = {}  # (index, term) -> first entry seen
+
+    def _fingerprint(self, entry: Entry) -> str:
+        """`fingerprint(entry)`, computed once per entry object: the simulated network passes entries by
+        reference, so the members mostly hold the very same objects. The first entry seen at each (index,
+        term) is kept (so that its id cannot be reused); another object there is hashed afresh."""
+        key = (entry.index, entry.term)
+        known = self._fingerprints.get(key)
+        if known is not None and known[0] is entry:
+            return known[1]
+        fp = fingerprint(entry)
+        if known is None:
+            self._fingerprints[key] = (entry, fp)
+        return fp
 
     def fail(self, checker: str, detail: str) -> None:
         self.violations.append(Violation(checker, self._now(), detail))
@@ -90,7 +104,7 @@ class RaftCheckers:
         self._record_commits(node_id, core)
 
     def applied(self, node_id: str, entry: Entry) -> None:
-        fp = fingerprint(entry)
+        fp = self._fingerprint(entry)
         seen = self.applied_at.get(entry.index)
         if seen is None:
             self.applied_at[entry.index] = (entry.term, fp, node_id)
@@ -132,7 +146,7 @@ class RaftCheckers:
                 )
                 return
             entry = core.log.entry(index)
-            if entry.term != committed_term or fingerprint(entry) != fp:
+            if entry.term != committed_term or self._fingerprint(entry) != fp:
                 self.fail(
                     "leader-completeness",
                     f"leader {node_id} of term {term} has term {entry.term} at committed index {index} "
@@ -153,7 +167,7 @@ class RaftCheckers:
             if prev_term is None:
                 continue
             key = (entry.index, entry.term)
-            value = (fingerprint(entry), prev_term)
+            value = (self._fingerprint(entry), prev_term)
             seen = self.entries.get(key)
             if seen is None:
                 self.entries[key] = value
@@ -181,7 +195,7 @@ class RaftCheckers:
         start = max(self.commit_seen.get(node_id, 0), core.log.offset) + 1
         for index in range(start, core.log.committed + 1):
             entry = core.log.entry(index)
-            fp = fingerprint(entry)
+            fp = self._fingerprint(entry)
             seen = self.committed.get(index)
             if seen is None:
                 self.committed[index] = (entry.term, fp)

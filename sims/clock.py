@@ -5,8 +5,10 @@
 of the cancel scope, which differs from process to process and would break replay. `SimClock` is a
 member's `graft_trio.clock.Clock`: its time is ``offset + (1 + drift) * virtual_time``.
 
-Both read trio's clock, so they are used inside a `trio.run` on a `trio.testing.MockClock` (see
-`sims.scheduler.run_simulation`); build a fresh `VirtualTime` for every run.
+Both read trio's clock, so they are used inside a `trio.run` on a virtual clock: the simulator's
+`sims.scheduler.VirtualClock` (see `sims.scheduler.run_simulation`), or `trio.testing.MockClock` in unit
+tests. Build a fresh `VirtualTime` for every run. Their sleeps use the `VirtualClock`'s timers when it is
+the running clock (no cancel scope per sleep), and `trio.sleep_until` on any other clock.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import trio
 
 from graft_trio.clock import Clock
+from sims.scheduler import VirtualClock
 
 
 class VirtualTime:
@@ -28,10 +31,17 @@ class VirtualTime:
         # them in order once virtual time passes them.
         self._issued: set[float] = set()
         self._issued_order: list[float] = []
+        # The run's clock, read directly: the simulator asks for the time about ten times per message.
+        try:
+            clock: trio.abc.Clock | None = trio.lowlevel.current_clock()
+        except RuntimeError:  # built outside a run: ask trio each time
+            clock = None
+        self._current_time = clock.current_time if clock is not None else trio.current_time
+        self._virtual_clock = clock if isinstance(clock, VirtualClock) else None
 
     def now(self) -> float:
         """Virtual time: trio's current time."""
-        return trio.current_time()
+        return self._current_time()
 
     def clock(self, name: str, *, offset: float = 0.0, drift: float = 0.0) -> SimClock:
         """A new member clock reading ``offset + (1 + drift) * virtual_time``; `name` must be unused."""
@@ -60,15 +70,24 @@ class VirtualTime:
             raise ValueError("a deadline cannot be NaN")
         if deadline == math.inf:
             return deadline
-        now = trio.current_time()
-        while self._issued_order and self._issued_order[0] < now:
-            self._issued.discard(heapq.heappop(self._issued_order))
-        candidate = max(deadline, now)
-        while candidate in self._issued:
+        now = self._current_time()
+        issued, order = self._issued, self._issued_order
+        while order and order[0] < now:
+            issued.discard(heapq.heappop(order))
+        candidate = deadline if deadline > now else now
+        while candidate in issued:
             candidate = math.nextafter(candidate, math.inf)
-        self._issued.add(candidate)
-        heapq.heappush(self._issued_order, candidate)
+        issued.add(candidate)
+        heapq.heappush(order, candidate)
         return candidate
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Sleep until virtual time `deadline`: on the `VirtualClock`, on one of its timers (which need no
+        unique deadline: they fire in a fixed order); on any other clock, until `unique_deadline(deadline)`."""
+        if self._virtual_clock is not None:
+            await self._virtual_clock.sleep_until(deadline)
+        else:
+            await trio.sleep_until(self.unique_deadline(deadline))
 
 
 class SimClock(Clock):
@@ -106,10 +125,10 @@ class SimClock(Clock):
         return self._offset + self._rate * virtual
 
     def now(self) -> float:
-        return self.local_at(trio.current_time())
+        return self._offset + self._rate * self.virtual_time.now()
 
-    def trio_deadline(self, deadline: float) -> float:
-        """A unique trio deadline at which this clock reads at least `deadline`, as early as rounding allows.
+    def virtual_deadline(self, deadline: float) -> float:
+        """The earliest virtual time at which this clock reads at least `deadline`, as rounding allows.
 
         Rounding in the inverse of `local_at` could land a hair early, and a member that wakes from
         ``sleep_until(t)`` and reads a time before ``t`` would be a bug the simulator planted, so the
@@ -128,7 +147,14 @@ class SimClock(Clock):
         while self.local_at(virtual) < deadline:
             virtual += step
             step *= 2
-        return self.virtual_time.unique_deadline(virtual)
+        return virtual
+
+    def trio_deadline(self, deadline: float) -> float:
+        """A unique trio deadline at or after `virtual_deadline(deadline)` (`VirtualTime.unique_deadline`)."""
+        return self.virtual_time.unique_deadline(self.virtual_deadline(deadline))
+
+    async def sleep_until(self, deadline: float) -> None:
+        await self.virtual_time.sleep_until(self.virtual_deadline(deadline))
 
     def jump(self, seconds: float, *, allow_backwards: bool = False) -> None:
         """Step this clock by `seconds` (a skew fault). Deadlines already registered with trio keep their

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from graft_trio.raft import StateMachine
@@ -12,12 +13,11 @@ class KeyValue(StateMachine):
         self.data: dict[str, str] = {}
 
     def apply(self, index: int, command: bytes) -> bytes:
-        op = json.loads(command)
-        key = op["key"]
-        if op["op"] == "put":
-            self.data[key] = op["value"]
-        elif op["op"] == "append":
-            self.data[key] = self.data.get(key, "") + op["value"]
+        op, key, value = _decode(command)
+        if op == "put":
+            self.data[key] = value
+        elif op == "append":
+            self.data[key] = self.data.get(key, "") + value
         return self.data.get(key, "").encode()
 
     def query(self, query: bytes) -> bytes:
@@ -28,6 +28,13 @@ class KeyValue(StateMachine):
 
     def restore(self, snapshot: bytes) -> None:
         self.data = json.loads(snapshot)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode(command: bytes) -> tuple[str, str, str]:
+    """(op, key, value) of a command; cached, as every member applies the same commands."""
+    op = json.loads(command)
+    return op["op"], op["key"], op.get("value", "")
 
 
 def put(key: str, value: str) -> bytes:

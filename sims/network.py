@@ -16,6 +16,7 @@ scheduling (`sims.scheduler`) the same seed gives the same trace in any process.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
@@ -25,8 +26,9 @@ from typing import Literal
 import attrs
 import trio
 
-from graft_trio.raft.messages import Message
+from graft_trio.raft.messages import AppendEntries, AppendEntriesResponse, Message
 from sims.clock import VirtualTime
+from sims.scheduler import VirtualClock
 from transports.memory import MemoryEndpoint, MemoryNetwork
 
 Link = tuple[str, str]
@@ -95,25 +97,25 @@ class NetworkStats:
     held: int  # waiting on clogged links
 
 
-# A message on its way: (deliver_at, order, message_id, link, message). `order` is unique, so the heap
-# never compares messages, and it breaks ties between equal delivery times in send order (FIFO).
-_InFlight = tuple[float, int, int, Link, Message]
+# A message on its way: (deliver_at, order, its name in the trace, target address, message). `order` is
+# unique, so the heap never compares messages, and it breaks ties between equal delivery times in send
+# order (FIFO).
+_InFlight = tuple[float, int, str, str, Message]
 
 
 @attrs.define
 class _Clog:
     hold: bool
-    held: list[tuple[int, Message]] = attrs.field(factory=list)
+    held: list[tuple[str, Message]] = attrs.field(factory=list)  # (name in the trace, message)
 
 
 def _summary(message: Message) -> str:
     """A short, exact description of a message for the trace (its type, term and log position)."""
-    name = type(message).__name__
-    index = getattr(message, "prev_log_index", None)
-    if index is None:
-        index = getattr(message, "match_index", None)
-    entries = getattr(message, "entries", ())
-    return f"{name} t={message.term} i={index} n={len(entries)}"
+    if isinstance(message, AppendEntries):
+        return f"AppendEntries t={message.term} i={message.prev_log_index} n={len(message.entries)}"
+    if isinstance(message, AppendEntriesResponse):
+        return f"AppendEntriesResponse t={message.term} i={message.match_index} n=0"
+    return f"{type(message).__name__} t={message.term} i=None n=0"
 
 
 def _link_name(link: Link) -> str:
@@ -158,42 +160,48 @@ class SimNetwork(MemoryNetwork):
         self._one_way: set[Link] = set()  # only ever tested for membership: its order is hash-dependent
         self._clogs: dict[Link, _Clog] = {}
         self._running = False
-        self._sleep_scope: trio.CancelScope | None = None
-        self._wake_at = math.inf
+        self._wake_at = math.inf  # the delivery time `run` wakes for next (inf: none)
+        self._sleep_scope: trio.CancelScope | None = None  # on other clocks: what `run` sleeps in
+        self._timer_clock: VirtualClock | None = None  # on the VirtualClock: whose timers deliver
+        self._timer_generation = 0  # only the latest timer set is live
+        self._timer_failed = trio.Event()
+        self._timer_failure: BaseException | None = None
 
     # --- sending --------------------------------------------------------------------------------------
 
     def deliver(self, source: MemoryEndpoint, target_address: str, message: Message) -> None:
         link = (source.address, target_address)
         self._message_ids += 1
-        message_id = self._message_ids
         self.sent += 1
+        # The message's name in the trace, made once: "#<id> <source>-><target>".
+        tag = f"#{self._message_ids} {source.address}->{target_address}"
         if self.on_event is not None:
-            self.on_event("send", f"#{message_id} {_link_name(link)} {_summary(message)}")
-        reason = self._blocked_by(link)
+            self.on_event("send", f"{tag} {_summary(message)}")
+        reason = self._blocked_by(link) if self._group_of or self._one_way else None
         if reason is not None:
             self.blocked += 1
-            self._drop(message_id, link, reason)
+            self._drop(tag, reason)
             return
-        if self.faults.loss and self.rng.random() < self.faults.loss:
+        faults = self.faults
+        if faults.loss and self.rng.random() < faults.loss:
             self.lost += 1
-            self._drop(message_id, link, "lost")
+            self._drop(tag, "lost")
             return
         copies = 1
-        if self.faults.duplication and self.rng.random() < self.faults.duplication:
+        if faults.duplication and self.rng.random() < faults.duplication:
             copies = 2
             self.duplicated += 1
-            self._emit("duplicate", f"#{message_id} {_link_name(link)}")
+            self._emit("duplicate", tag)
         for _ in range(copies):
-            clog = self._clogs.get(link)
-            if clog is None:
-                self._transmit(message_id, link, message)
+            clog = self._clogs.get(link) if self._clogs else None
+            if clog is None:  # the usual case
+                self._transmit(tag, link, message)
             elif clog.hold:
-                clog.held.append((message_id, message))
-                self._emit("hold", f"#{message_id} {_link_name(link)}")
+                clog.held.append((tag, message))
+                self._emit("hold", tag)
             else:
                 self.blocked += 1
-                self._drop(message_id, link, "clogged")
+                self._drop(tag, "clogged")
 
     def set_link_latency(self, source: str, target: str, latency: Latency | None) -> None:
         """Give one link its own latency; None returns it to `faults.latency`."""
@@ -211,27 +219,30 @@ class SimNetwork(MemoryNetwork):
             return "one-way"
         return None
 
-    def _transmit(self, message_id: int, link: Link, message: Message) -> None:
-        deliver_at = trio.current_time() + self._link_latency.get(link, self.faults.latency).sample(self.rng)
-        reordered = bool(self.faults.reorder) and self.rng.random() < self.faults.reorder
+    def _transmit(self, tag: str, link: Link, message: Message) -> None:
+        faults, rng = self.faults, self.rng
+        latency = self._link_latency.get(link, faults.latency) if self._link_latency else faults.latency
+        deliver_at = self.virtual_time.now() + latency.sample(rng)
+        reordered = bool(faults.reorder) and rng.random() < faults.reorder
         if reordered:
             self.reordered += 1
-            if self.faults.reorder_delay > 0.0:
-                deliver_at += self.rng.expovariate(1.0 / self.faults.reorder_delay)
+            if faults.reorder_delay > 0.0:
+                deliver_at += rng.expovariate(1.0 / faults.reorder_delay)
         else:
-            deliver_at = max(deliver_at, self._fifo_watermark.get(link, -math.inf))
+            watermark = self._fifo_watermark.get(link)
+            if watermark is not None and watermark > deliver_at:
+                deliver_at = watermark
             self._fifo_watermark[link] = deliver_at
         self._order += 1
-        heapq.heappush(self._in_flight, (deliver_at, self._order, message_id, link, message))
-        self._emit(
-            "transmit",
-            f"#{message_id} {_link_name(link)} at={deliver_at!r}" + (" reordered" if reordered else ""),
-        )
-        self._arm()
+        heapq.heappush(self._in_flight, (deliver_at, self._order, tag, link[1], message))
+        if self.on_event is not None:
+            self.on_event("transmit", f"{tag} at={deliver_at!r} reordered" if reordered else f"{tag} at={deliver_at!r}")
+        if deliver_at < self._wake_at:
+            self._arm()
 
-    def _drop(self, message_id: int, link: Link, reason: str) -> None:
+    def _drop(self, tag: str, reason: str) -> None:
         self.dropped += 1
-        self._emit("drop", f"#{message_id} {_link_name(link)} {reason}")
+        self._emit("drop", f"{tag} {reason}")
 
     def _emit(self, kind: str, detail: str) -> None:
         if self.on_event is not None:
@@ -241,50 +252,95 @@ class SimNetwork(MemoryNetwork):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver each message at its time, until cancelled. Messages still in flight then stay in
-        flight. At most one `run` per network."""
+        flight. At most one `run` per network.
+
+        On the simulator's `VirtualClock` the deliveries are the clock's timers, run by trio's run loop
+        itself, and this task only waits; on any other clock (trio's `MockClock` in unit tests) it
+        sleeps until each delivery time. Both deliver the same messages at the same virtual times.
+        """
         if self._running:
             raise RuntimeError("this SimNetwork is already running")
         self._running = True
+        clock = trio.lowlevel.current_clock()
         try:
-            task_status.started()
-            while True:
-                self._deliver_due()
-                with trio.CancelScope() as scope:
-                    self._sleep_scope = scope
-                    self._wake_at = math.inf
-                    self._arm()
-                    await trio.sleep_forever()
-                self._sleep_scope = None
+            if isinstance(clock, VirtualClock):
+                await self._deliver_on_timers(clock, task_status)
+            else:
+                await self._deliver_in_this_task(task_status)
         finally:
             self._running = False
             self._sleep_scope = None
+            self._timer_clock = None
+
+    async def _deliver_on_timers(self, clock: VirtualClock, task_status: trio.TaskStatus[None]) -> None:
+        self._timer_clock = clock
+        failed = self._timer_failed = trio.Event()
+        task_status.started()
+        self._wake_at = math.inf
+        self._arm()
+        await failed.wait()
+        assert self._timer_failure is not None
+        raise self._timer_failure
+
+    async def _deliver_in_this_task(self, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            self._deliver_due()
+            with trio.CancelScope() as scope:
+                self._sleep_scope = scope
+                self._wake_at = math.inf
+                self._arm()
+                await trio.sleep_forever()
+            self._sleep_scope = None
 
     def _arm(self) -> None:
-        """Make the sleeping `run` wake for the earliest message in flight, if that is earlier than the
-        time it already wakes at."""
-        if self._sleep_scope is None or not self._in_flight:
+        """Make `run` wake for the earliest message in flight, if that is earlier than the time it
+        already wakes at."""
+        if not self._in_flight:
             return
         head = self._in_flight[0][0]
-        if head < self._wake_at:
+        if head >= self._wake_at:
+            return
+        if self._timer_clock is not None:
+            self._wake_at = head
+            self._timer_generation += 1
+            self._timer_clock.call_at(head, functools.partial(self._on_timer, self._timer_generation))
+        elif self._sleep_scope is not None:
             self._wake_at = head
             # A unique deadline: a tie with a member's timer would be broken by memory address.
             self._sleep_scope.deadline = self.virtual_time.unique_deadline(head)
 
+    def _on_timer(self, generation: int) -> None:
+        """A delivery timer fired (on the run loop: it must not raise). A timer set before a later
+        `_arm` moved the wake-up earlier is stale and does nothing."""
+        if generation != self._timer_generation or self._timer_clock is None:
+            return
+        try:
+            self._deliver_due()
+        except BaseException as exc:  # raised in `run`'s task instead of inside trio's run loop
+            self._timer_clock = None
+            self._timer_failure = exc
+            self._timer_failed.set()
+            return
+        self._wake_at = math.inf
+        self._arm()
+
     def _deliver_due(self) -> None:
-        now = trio.current_time()
-        while self._in_flight and self._in_flight[0][0] <= now:
-            _, _, message_id, link, message = heapq.heappop(self._in_flight)
-            target = self.endpoints.get(link[1])
+        now = self.virtual_time.now()
+        in_flight, endpoints = self._in_flight, self.endpoints
+        while in_flight and in_flight[0][0] <= now:
+            _, _, tag, target_address, message = heapq.heappop(in_flight)
+            target = endpoints.get(target_address)
             if target is None or target.closed:
                 self.undeliverable += 1
-                self._drop(message_id, link, "detached")
-                continue
-            if target.put(message):
+                self._drop(tag, "detached")
+            elif target.put(message):
                 self.delivered += 1
-                self._emit("deliver", f"#{message_id} {_link_name(link)}")
+                if self.on_event is not None:
+                    self.on_event("deliver", tag)
             else:
                 self.undeliverable += 1
-                self._emit("drop", f"#{message_id} {_link_name(link)} closed")
+                self._emit("drop", f"{tag} closed")
 
     # --- fault mechanisms -----------------------------------------------------------------------------
 
@@ -320,8 +376,8 @@ class SimNetwork(MemoryNetwork):
         if clog is None:
             return
         self._emit("unclog", f"{_link_name(link)} releasing {len(clog.held)}")
-        for message_id, message in clog.held:
-            self._transmit(message_id, link, message)
+        for tag, message in clog.held:
+            self._transmit(tag, link, message)
 
     def heal(self) -> None:
         """End every partition, one-way partition and clog (clogs in link order)."""

@@ -18,7 +18,7 @@ CAUGHT = {
     "ack-before-sync": (20, "acknowledged-durability"),
     "commit-old-term": (3, "leader-commit-rule"),
     "forget-vote": (19, "vote-safety"),
-    "stale-read": (24, "linearizability"),
+    "stale-read": (37, "linearizability"),
 }
 
 

@@ -287,61 +287,79 @@ class RaftCore:
     # --- ready / advance -----------------------------------------------------------------------------
 
     def has_ready(self) -> bool:
+        log = self.log
         return bool(
             self._messages
             or self._read_states
             or self._needs_send
-            or self.log.unstable_entries()
+            or log.has_unstable_entries()
             or self._received_snapshot is not None
-            or self.hard_state() != self._prev_hard_state
-            or self.log.committed > self._applying
-            or self._soft_state() != self._prev_soft_state
+            or self._hard_state_changed()
+            or log.committed > self._applying
+            or self._soft_state_changed()
         )
+
+    # Field by field rather than by building a HardState or SoftState: the driver asks after every turn.
+
+    def _hard_state_changed(self) -> bool:
+        previous = self._prev_hard_state
+        return self.term != previous.term or self.vote != previous.vote or self.log.committed != previous.commit
+
+    def _soft_state_changed(self) -> bool:
+        previous = self._prev_soft_state
+        return self.role is not previous.role or self.leader_id != previous.leader_id or self.term != previous.term
 
     def _soft_state(self) -> SoftState:
         return SoftState(self.role, self.leader_id, self.term)
 
     def ready(self) -> Ready:
-        if self.role is Role.LEADER:
-            for node_id in self.membership.ids:
-                if self._needs_send.get(node_id):
-                    self._send_append(node_id)
-        self._needs_send.clear()
-        hard_state = self.hard_state()
-        soft_state = self._soft_state()
+        if self._needs_send:
+            if self.role is Role.LEADER:
+                for node_id in self.membership.ids:
+                    if self._needs_send.get(node_id):
+                        self._send_append(node_id)
+            self._needs_send.clear()
+        log = self.log
+        hard_state: HardState | None = None
+        if self._hard_state_changed():
+            hard_state = self._prev_hard_state = self.hard_state()
+        soft_state: SoftState | None = None
+        if self._soft_state_changed():
+            soft_state = self._prev_soft_state = self._soft_state()
         snapshot, discard_log = self._received_snapshot or (None, False)
         committed: tuple[Entry, ...] = ()
-        if self.log.committed > self._applying:
-            low = max(self._applying + 1, self.log.first_index)
-            committed = tuple(self.log.entries[low - self.log.offset - 1 : self.log.committed - self.log.offset])
-            self._applying = self.log.committed
+        if log.committed > self._applying:
+            low = max(self._applying + 1, log.first_index)
+            committed = tuple(log.entries[low - log.offset - 1 : log.committed - log.offset])
+            self._applying = log.committed
         ready = Ready(
-            hard_state=hard_state if hard_state != self._prev_hard_state else None,
-            entries=tuple(self.log.unstable_entries()),
+            hard_state=hard_state,
+            entries=tuple(log.unstable_entries()) if log.has_unstable_entries() else (),
             snapshot=snapshot,
             discard_log=discard_log,
             messages=tuple(self._messages),
             committed_entries=committed,
             read_states=tuple(self._read_states),
-            soft_state=soft_state if soft_state != self._prev_soft_state else None,
+            soft_state=soft_state,
         )
-        self._messages = []
-        self._read_states = []
+        if self._messages:
+            self._messages = []
+        if self._read_states:
+            self._read_states = []
         self._received_snapshot = None
-        self._prev_hard_state = hard_state
-        self._prev_soft_state = soft_state
         return ready
 
     def advance(self, ready: Ready) -> None:
         """The driver persisted, sent and applied everything in `ready`."""
+        if ready.committed_entries:
+            self.log.applied = max(self.log.applied, ready.committed_entries[-1].index)
         if ready.entries:
             last = ready.entries[-1]
             self.log.stable_to(last.index, last.term)
-        if ready.committed_entries:
-            self.log.applied = max(self.log.applied, ready.committed_entries[-1].index)
-        if self.role is Role.LEADER and self.is_voter():
-            # The leader's own entries count towards a quorum only once they are durable.
-            self._maybe_commit()
+            if self.role is Role.LEADER and self.is_voter():
+                # The leader's own entries count towards a quorum only once they are durable. (The other
+                # members' matches are counted as their answers arrive.)
+                self._maybe_commit()
 
     # --- ticks ---------------------------------------------------------------------------------------
 
@@ -514,15 +532,16 @@ class RaftCore:
         voters = self.membership.voters
         if not voters:
             return False
+        progress = self.progress
         matches = sorted(
-            (
+            [
                 self.log.stable_index
                 if node_id == self.id
-                else (self.progress[node_id].match_index if node_id in self.progress else 0)
-            )
-            for node_id in voters
+                else (progress[node_id].match_index if node_id in progress else 0)
+                for node_id in voters
+            ]
         )
-        quorum_index = matches[len(matches) - self.quorum()]
+        quorum_index = matches[len(voters) - (len(voters) // 2 + 1)]  # the highest index a quorum holds
         if quorum_index > self.log.committed and self._can_commit(quorum_index):
             self.log.commit_to(quorum_index)
             self._after_commit()

@@ -162,6 +162,9 @@ class RaftLog:
     def unstable_entries(self) -> list[Entry]:
         return self.entries[self.stable_index - self.offset :]
 
+    def has_unstable_entries(self) -> bool:
+        return bool(self.entries) and self.stable_index < self.last_index
+
     def restore(self, meta: SnapshotMeta) -> bool:
         """Reset the log to a snapshot. True if the suffix after it was kept (it matched the snapshot)."""
         keep = self.matches(meta.index, meta.term)

@@ -14,6 +14,7 @@ driver when a forward was lost, is applied once.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import struct
 from collections.abc import Callable
@@ -199,7 +200,7 @@ class RaftNode:
         self._running = False
         self.applied_index = 0
         self._last_tick_at = 0.0
-        self._tick_due = -1.0
+        self._tick_due = math.inf  # while the tick loop sleeps: the member time it sleeps until
         self._tick_scope: trio.CancelScope | None = None
         self._known_leader: str | None = None
 
@@ -265,28 +266,33 @@ class RaftNode:
         Ticks are not delivered one by one: the main loop catches up on the ticks that elapsed before it
         handles anything else (so they interleave with messages exactly as if they had been delivered on
         time), and this task sleeps until the tick at which the core would act, an election timeout or a
-        heartbeat. A follower that hears from its leader therefore does not wake at all.
+        heartbeat. When that moves later (a follower heard from its leader) the sleep goes on, and this
+        task finds out when it wakes, so a follower that hears from its leader wakes about once per
+        election timeout, and then only this task; when it moves earlier, the main loop cuts the sleep
+        short (`_cut_tick_sleep`).
         """
         while True:
-            with trio.CancelScope() as scope:
-                self._tick_scope = scope
-                self._tick_due = -1.0  # a fresh scope has no deadline yet
-                self._arm_tick_timer()
-                await trio.sleep_forever()
-            self._tick_scope = None
+            core = self._core()
+            due = self._next_tick_action(core)
+            if due > self.clock.now():
+                with trio.CancelScope() as scope:
+                    self._tick_scope, self._tick_due = scope, due
+                    await self.clock.sleep_until(due)
+                self._tick_scope = None
+                continue
             turn_done = self._changed
-            await self._send_events.send(_TICK)
-            # Re-arm only once the main loop has caught up on the ticks, or the timer would still be due.
+            await self._submit(_TICK)
+            # Sleep again only once the main loop has caught up on the ticks, or the action would still be due.
             await turn_done.wait()
 
-    def _arm_tick_timer(self) -> None:
+    def _cut_tick_sleep(self) -> None:
+        """Wake the tick loop if the core's next tick action is now earlier than the one it sleeps for."""
         scope, core = self._tick_scope, self.core
-        if scope is None or core is None:
-            return
-        due = self._last_tick_at + core.ticks_until_action() * self.config.tick_interval
-        if due != self._tick_due:
-            self._tick_due = due
-            scope.deadline = self.clock.trio_deadline(due)
+        if scope is not None and core is not None and self._next_tick_action(core) < self._tick_due:
+            scope.cancel()
+
+    def _next_tick_action(self, core: RaftCore) -> float:
+        return self._last_tick_at + core.ticks_until_action() * self.config.tick_interval
 
     def _catch_up_ticks(self, core: RaftCore) -> None:
         interval = self.config.tick_interval
@@ -298,7 +304,14 @@ class RaftNode:
     async def _main_loop(self) -> None:
         core = self._core()
         while True:
-            event = await self._receive_events.receive()
+            # What arrived during the last turn's writes is handled at once: `receive` would first yield
+            # to the scheduler, costing a pass of the run loop. The loop still blocks (and so can be
+            # cancelled) whenever nothing is waiting, and nothing but other tasks and the transport fill
+            # the channel.
+            try:
+                event = self._receive_events.receive_nowait()
+            except trio.WouldBlock:
+                event = await self._receive_events.receive()
             self._catch_up_ticks(core)
             self._handle(core, event)
             for _ in range(self.config.max_batch):
@@ -312,7 +325,7 @@ class RaftNode:
                 if core.leader_id != self._known_leader:
                     self._known_leader = core.leader_id
                     self._resubmit(core)
-            self._arm_tick_timer()
+            self._cut_tick_sleep()
             changed, self._changed = self._changed, trio.Event()
             changed.set()
 
@@ -458,8 +471,13 @@ class RaftNode:
         self._request_seq += 1
         return f"{self.node_id}/{self._incarnation}/{self._request_seq}"
 
-    async def _submit(self, operation: Callable[[], None]) -> None:
-        await self._send_events.send(operation)
+    async def _submit(self, event: object) -> None:
+        """Queue `event` for the main loop; waits only while the queue is full. Not a checkpoint by
+        itself: every caller goes on to wait for the event's outcome, which is."""
+        try:
+            self._send_events.send_nowait(event)
+        except trio.WouldBlock:
+            await self._send_events.send(event)
 
     async def _await_with_retries(
         self, waiter: _Waiter, submit: Callable[[], None], timeout: float | None, what: str

@@ -113,7 +113,7 @@ class MemoryStorage(Storage):
         batch_end = len(self._pending)
         if self._sync_delay is not None:
             await self._sync_delay()
-        self._durable = self._replay(self._durable.copy(), self._pending[:batch_end])
+        self._replay(self._durable, self._pending[:batch_end])
         del self._pending[:batch_end]
         self.syncs += 1
 
