@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from graft_trio.clock import TrioClock
 from graft_trio.raft import (
     EntryKind,
     MemoryStorage,
@@ -19,6 +20,7 @@ from graft_trio.raft import (
     ProposalTimeout,
     RaftError,
     RaftNode,
+    StateMachine,
 )
 from graft_trio.raft.messages import AppendEntries, ReadIndexResponse
 from tests.kv import KeyValue, append, put
@@ -694,3 +696,74 @@ async def test_a_read_answer_meant_for_a_previous_incarnation_is_not_used(
             cluster.network.hold = None
             cluster.network.release(lambda m: True)
         assert result == [b"new"]
+
+
+# --- the leader's time on every command ------------------------------------------------------------------
+
+
+class _OffsetClock(TrioClock):
+    """trio's clock shifted by a fixed offset: a member whose clock disagrees with the others'."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def now(self) -> float:
+        return trio.current_time() + self.offset
+
+    def trio_deadline(self, deadline: float) -> float:
+        return deadline - self.offset
+
+
+class _TimeLog(StateMachine):
+    """Applies commands of the form b"<time>|<text>" and remembers the times; stamps the leader's time in."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def stamp(self, command: bytes, leader_time: float) -> bytes:
+        return b"%r|%s" % (leader_time, command.partition(b"|")[2])
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        self.times.append(float(command.partition(b"|")[0]))
+        return command
+
+    def query(self, query: bytes) -> bytes:
+        return b""
+
+    def snapshot(self) -> bytes:
+        return json.dumps(self.times).encode()
+
+    def restore(self, snapshot: bytes) -> None:
+        self.times = json.loads(snapshot)
+
+
+async def test_commands_carry_the_leaders_time_whoever_proposed_them(autojump_clock: trio.testing.MockClock) -> None:
+    network = MemoryNetwork()
+    offsets = {"a": 0.0, "b": 1000.0, "c": -1000.0}  # clocks far apart: whose time a command got is plain
+    machines = {node_id: _TimeLog() for node_id in offsets}
+    nodes = {
+        node_id: RaftNode(
+            node_id,
+            node_id,
+            {p: p for p in offsets if p != node_id},
+            state_machine=machines[node_id],
+            transport=MemoryTransport(network),
+            clock=_OffsetClock(offset),
+            rng=random.Random(index),
+        )
+        for index, (node_id, offset) in enumerate(offsets.items())
+    }
+    async with nodes["a"], nodes["b"], nodes["c"]:
+        leader_id = await nodes["a"].wait_for_leader()
+        leader_offset = offsets[leader_id]
+        for node_id, node in nodes.items():
+            before = trio.current_time() + leader_offset
+            result = await node.propose(b"%r|from %s" % (-1.0, node_id.encode()))
+            stamped = float(result.partition(b"|")[0])
+            assert before <= stamped <= trio.current_time() + leader_offset, (node_id, leader_id, result)
+            assert result.endswith(b"from " + node_id.encode())
+        times = machines[leader_id].times
+        assert len(times) == 3 and times == sorted(times)
+        for node_id, node in nodes.items():  # every member applied the same times (wait for the followers)
+            await node.read(b"")
+            assert machines[node_id].times == times, node_id

@@ -979,3 +979,29 @@ def test_apply_cost_of_the_commands_of_one_step_workflows(capsys: pytest.Capture
     with capsys.disabled():
         print("\napply cost (us): " + ", ".join(f"{name} {cost:.1f}" for name, cost in costs.items()))
     assert all(cost < 5000 for cost in costs.values())  # a gross regression only: timing on shared CI varies
+
+
+# --- the leader's time ---------------------------------------------------------------------------------
+
+
+@given(now=st.floats(min_value=0, max_value=1e12, allow_nan=False), new=st.floats(min_value=0, max_value=1e12))
+def test_restamp_replaces_only_the_time_of_every_command(now: float, new: float) -> None:
+    for command in (
+        c.Tick(now=now),
+        c.StartWorkflow(now=now, workflow_id="w,1]", initial_state={"a": [1, 2.5]}, initial_nodes=()),
+        c.CancelWorkflow(now=now, workflow_id="w", reason="[1,2,3]"),
+    ):
+        restamped = c.decode(c.restamp(c.encode(command), new))
+        assert restamped == attrs.evolve(command, now=new)
+
+
+def test_restamp_leaves_everything_but_commands_unchanged() -> None:
+    for data in (c.encode(c.GetWorkflow(workflow_id="w")), b"garbage", b"[2,12,5.0]", b"", b"[1,12,"):
+        assert c.restamp(data, 42.0) == data
+    assert c.restamp(c.encode(c.Tick(now=1.0)), float("nan")) == c.encode(c.Tick(now=1.0))
+
+
+def test_every_command_carries_its_time_first() -> None:
+    """`restamp` relies on it."""
+    for command_type in c.COMMAND_TYPES:
+        assert attrs.fields(command_type)[0].name == "now", command_type

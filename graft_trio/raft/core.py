@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Callable
 
 import attrs
 
@@ -103,6 +104,10 @@ class _ReadRequest:
     acks: dict[str, bool] = attrs.Factory(dict)
 
 
+def _unchanged(data: bytes) -> bytes:
+    return data
+
+
 class RaftCore:
     def __init__(
         self,
@@ -112,10 +117,15 @@ class RaftCore:
         hard_state: HardState,
         snapshot: Snapshot | None,
         entries: tuple[Entry, ...] | list[Entry],
+        *,
+        stamp: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.id = node_id
         self.config = config
         self.rng = rng
+        # What the leader does to a command as it appends it (the driver's `StateMachine.stamp` with the
+        # leader's clock); the identity unless the state machine asks for it.
+        self._stamp: Callable[[bytes], bytes] = stamp if stamp is not None else _unchanged
         meta = snapshot.meta if snapshot is not None else SnapshotMeta()
         self.log = RaftLog(meta, entries, hard_state.commit)
         self.snapshot = snapshot  # the latest snapshot, sent to followers that fell behind the log
@@ -209,7 +219,9 @@ class RaftCore:
         if self.role is Role.LEADER:
             if self.transfer_target is not None:
                 raise NotLeaderError("leadership transfer in progress", self.transfer_target)
-            return self._append_new(Entry(self.term, self.log.last_index + 1, EntryKind.NORMAL, data, request_id))
+            return self._append_new(
+                Entry(self.term, self.log.last_index + 1, EntryKind.NORMAL, self._stamp(data), request_id)
+            )
         if self.leader_id is None or self.leader_id == self.id:
             raise NotLeaderError("no leader known", None)
         self._send(ForwardProposal(self.id, self.leader_id, self.term, data, request_id))
@@ -830,9 +842,8 @@ class RaftCore:
             self._handle_snapshot_response(message)
         elif isinstance(message, ForwardProposal):
             if self.transfer_target is None:
-                self._append_new(
-                    Entry(self.term, self.log.last_index + 1, EntryKind.NORMAL, message.data, message.request_id)
-                )
+                data = self._stamp(message.data)
+                self._append_new(Entry(self.term, self.log.last_index + 1, EntryKind.NORMAL, data, message.request_id))
         elif isinstance(message, ReadIndexRequest) and self.membership.get(message.source) is not None:
             self._leader_read(message.source, message.context)
 

@@ -225,7 +225,16 @@ class RaftNode:
             members = [Member(self.node_id, self.address), *(Member(i, a) for i, a in self.peers.items())]
             hard_state, entries = RaftCore.bootstrap_entries(Membership.of(members))
             await self.storage.save(hard_state, entries, sync=self.config.durable)
-        core = RaftCore(self.node_id, self.config.core_config(), self.rng, hard_state, snapshot, entries)
+        stamp: Callable[[bytes], bytes] | None = None
+        if type(self.state_machine).stamp is not StateMachine.stamp:
+            machine, clock = self.state_machine, self.clock
+
+            def stamp(command: bytes) -> bytes:
+                return machine.stamp(command, clock.now())
+
+        core = RaftCore(
+            self.node_id, self.config.core_config(), self.rng, hard_state, snapshot, entries, stamp=stamp
+        )
         if snapshot is not None:
             self._restore(snapshot)
         self.core = core

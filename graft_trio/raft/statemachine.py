@@ -27,3 +27,13 @@ class StateMachine(abc.ABC):
     @abc.abstractmethod
     def restore(self, snapshot: bytes) -> None:
         """Replace the whole state with a snapshot."""
+
+    def stamp(self, command: bytes, leader_time: float) -> bytes:
+        """The command as the leader appends it, given the leader's clock when it does.
+
+        A state machine whose commands carry a time (leases, timers) overrides this to write
+        `leader_time` into the command, so that replicated time is always the leader's, whichever member
+        proposed. It runs on the leader only, once per appended entry, and must be a pure function of its
+        arguments. The default leaves commands unchanged (and the driver then skips the call).
+        """
+        return command

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import operator
+import re
 import sys
 import types
 import typing
@@ -538,6 +540,23 @@ def encode(value: Any) -> bytes:
     if tag is None:
         raise TypeError(f"{type(value).__name__} has no wire tag")
     return _dumps([FORMAT_VERSION, tag, *_fields_encoder(type(value))(value)])
+
+
+_COMMAND_TIME = re.compile(rb"\[(\d+),(\d+),(-?[0-9][0-9.eE+-]*)(?=[,\]])")
+
+
+def restamp(data: bytes, now: float) -> bytes:
+    """The encoded command `data` with its time (its first field) replaced by `now`.
+
+    The leader calls this on every command it appends (`WorkflowStateMachine.stamp`), so replicated time is
+    the leader's clock whoever proposed. It touches only the number after the tag, without decoding the
+    rest: a few microseconds whatever the payload. Anything that is not an encoded command of this format
+    (which `apply` will refuse) is returned unchanged.
+    """
+    match = _COMMAND_TIME.match(data)
+    if match is None or int(match[1]) != FORMAT_VERSION or int(match[2]) >= 32 or not math.isfinite(now):
+        return data
+    return b"%s%s%s" % (data[: match.start(3)], _dumps(float(now)), data[match.end(3) :])
 
 
 def decode(data: bytes) -> Any:

@@ -145,6 +145,10 @@ class WorkflowStateMachine(StateMachine):
 
     # --- the StateMachine interface -------------------------------------------------------------------
 
+    def stamp(self, command: bytes, leader_time: float) -> bytes:
+        """Commands carry the leader's clock as their time, whichever member proposed them."""
+        return c.restamp(command, leader_time)
+
     def apply(self, index: int, command: bytes) -> bytes:
         try:
             decoded = decode(command)
