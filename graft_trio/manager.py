@@ -19,6 +19,7 @@ import trio
 
 from graft_trio.clock import Clock, WallClock
 from graft_trio.events import DEFAULT_CAPACITY, EventHub, Subscription, run_handler
+from graft_trio.http_api import serve_http
 from graft_trio.raft.errors import NodeStoppedError
 from graft_trio.raft.node import RaftConfig, RaftNode
 from graft_trio.raft.storage import Storage, open_storage
@@ -147,6 +148,8 @@ class Manager:
         claim_lease: float = MAX_CLAIM_LEASE,
         claim_batch: int = 4,
         request_timeout: float = 30.0,
+        http_port: int | None = None,
+        http_host: str = "127.0.0.1",
         raft_config: RaftConfig | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
@@ -165,6 +168,9 @@ class Manager:
         self.bind = bind
         self.retention = float(retention)
         self.request_timeout = request_timeout
+        self.http_port = http_port  # None: no HTTP API; 0: any free port (`http_bound_port` tells which)
+        self.http_host = http_host
+        self.http_bound_port: int | None = None
         self.clock = clock or WallClock()
         self.rng = rng if rng is not None else random.Random()
         options = dict(transport_options or {})
@@ -247,6 +253,8 @@ class Manager:
                 await nursery.start(self.raft.run)
                 self._serving = True
                 await nursery.start(self.engine.run)
+                if self.http_port is not None:
+                    self.http_bound_port = await nursery.start(serve_http, self, self.http_host, self.http_port)
                 nursery.start_soon(self._dispatch_broadcasts, broadcasts)
                 nursery.start_soon(self._watch_raft)
                 for subscription, handler, description in self._pending_handlers:
@@ -473,6 +481,11 @@ class Manager:
             members=tuple(MemberInfo(m.node_id, m.address, m.voter) for m in status.members),
             engine=self.engine.stats(),
         )
+
+    async def read_barrier(self, timeout: float | None = None) -> None:
+        """Return once this member has applied everything the leader had committed when it was called
+        (a ReadIndex round); raises the Raft errors, or `TimeoutError` past `timeout`."""
+        await self.proposer.read(c.NextDeadline(), timeout=self.request_timeout if timeout is None else timeout)
 
     def health(self) -> Health:
         if not self._serving:
