@@ -153,6 +153,11 @@ class RaftNode:
     `peers` maps the other founding members' ids to addresses. With ``peers={}`` the member forms a
     one-member cluster, unless `join` is set: then it holds no election and waits until a member of an
     existing cluster adds it with `add_member`.
+
+    `rng` (default: seeded by the OS) draws election timeouts and this incarnation's request-id prefix and
+    read contexts. A member restarted on the same storage must get an rng in a different state (a test or
+    simulator that seeds it must reseed on restart): with the same seed it would reuse its previous life's
+    request ids, and the dedup table would answer its new proposals with old results.
     """
 
     def __init__(
