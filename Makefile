@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/raft_demo.py
+	$(PY) examples/demo.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -18,8 +18,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-
-from examples.kv_cluster import KvClient
+from kv_cluster import KvClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "kv-cluster-test-secret"
