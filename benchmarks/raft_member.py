@@ -1,0 +1,240 @@
+"""One graft-trio member process for `python -m benchmarks raft`: a `RaftNode` on TCP and its control channel.
+
+    python -m benchmarks.raft_member --id n1 --address 127.0.0.1:7101 --peers n2@127.0.0.1:7102,... \\
+        --data-dir DIR [--non-durable] [--cluster-secret S] [--profile FILE]
+
+The member keeps its log in a `FileStorage` in `--data-dir`. With ``RaftConfig(durable=True)`` (the
+default) every batch the driver persists is fsynced before anything that depends on it leaves; with
+``--non-durable`` (``RaftConfig(durable=False)``) the same files are written without fsync. The control
+channel is described in `benchmarks/raft_protocol.py`; the pipelined client runs in this process, as
+`window` trio tasks each awaiting `RaftNode.propose`. With `--profile FILE`, each `load` and `serial`
+request is profiled with cProfile (this member's main thread only, so not the storage's worker threads)
+into ``FILE-load-<window>.prof`` / ``FILE-serial.prof``, with a readable summary next to each (``.txt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+
+from benchmarks.raft_protocol import command_bytes, decode_line, encode_line, member_parser
+from graft_trio.raft import (
+    NoQuorumError,
+    NotLeaderError,
+    ProposalTimeout,
+    RaftConfig,
+    RaftError,
+    RaftNode,
+    StateMachine,
+    open_storage,
+)
+
+RETRYABLE = (NotLeaderError, ProposalTimeout, NoQuorumError)
+
+
+class CountingMachine(StateMachine):
+    """The replicated state: how many commands were applied, and their bytes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total_bytes = 0
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        self.count += 1
+        self.total_bytes += len(command)
+        return b""
+
+    def query(self, query: bytes) -> bytes:
+        return struct.pack(">QQ", self.count, self.total_bytes)
+
+    def snapshot(self) -> bytes:
+        return struct.pack(">QQ", self.count, self.total_bytes)
+
+    def restore(self, snapshot: bytes) -> None:
+        self.count, self.total_bytes = struct.unpack(">QQ", snapshot)
+
+
+class Member:
+    def __init__(self, node: RaftNode, profile_path: str | None) -> None:
+        self.node = node
+        self.profile_path = profile_path
+        self._sequence = 0
+
+    def _next_command(self, writer: int) -> bytes:
+        self._sequence += 1
+        return command_bytes(writer, self._sequence)
+
+    def status(self) -> dict[str, Any]:
+        status = self.node.status()
+        return {
+            "role": status.role,
+            "leader": status.leader_id,
+            "commit": status.commit_index,
+            "applied": status.applied_index,
+        }
+
+    async def load(self, window: int, seconds: float, warmup: float, timeout: float) -> dict[str, Any]:
+        start = time.perf_counter()
+        count_from, end = start + warmup, start + warmup + seconds
+        counts = {"completed": 0, "failed": 0}
+
+        async def writer(index: int) -> None:
+            while time.perf_counter() < end:
+                try:
+                    await self.node.propose(self._next_command(index), timeout=timeout)
+                    outcome = "completed"
+                except RaftError:
+                    outcome = "failed"
+                now = time.perf_counter()
+                if count_from <= now < end:
+                    counts[outcome] += 1
+
+        with self._profiled(f"load-{window}"):
+            async with trio.open_nursery() as nursery:
+                for index in range(window):
+                    nursery.start_soon(writer, index)
+        return {**counts, "lost": 0}
+
+    @contextlib.contextmanager
+    def _profiled(self, what: str) -> Iterator[None]:
+        """With `--profile`, cProfile the block into ``<profile>-<what>.prof`` and a summary in ``.txt``."""
+        if self.profile_path is None:
+            yield
+            return
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            yield
+        finally:
+            profiler.disable()
+            path = f"{self.profile_path}-{what}.prof"
+            profiler.dump_stats(path)
+            text = io.StringIO()
+            stats = pstats.Stats(profiler, stream=text)
+            stats.sort_stats("tottime").print_stats(40)
+            stats.sort_stats("cumulative").print_stats(60)
+            with open(path + ".txt", "w") as file:
+                file.write(text.getvalue())
+
+    async def serial(self, count: int, timeout: float) -> dict[str, Any]:
+        latencies: list[float] = []
+        failed = 0
+        with self._profiled("serial"):
+            for _ in range(count):
+                command = self._next_command(0)
+                began = time.perf_counter()
+                try:
+                    await self.node.propose(command, timeout=timeout)
+                except RaftError:
+                    failed += 1
+                    continue
+                latencies.append(time.perf_counter() - began)
+        return {"latencies": latencies, "failed": failed}
+
+    async def write_until_ok(self, interval: float, attempt_timeout: float, limit: float) -> dict[str, Any]:
+        # Attempts overlap, as on the PySyncObj side: a new one every `interval`, each retried by the driver
+        # itself (forwarded to whichever leader it learns of) until its own `attempt_timeout`.
+        succeeded = trio.Event()
+        attempts = 0
+
+        async def attempt(command: bytes) -> None:
+            with contextlib.suppress(*RETRYABLE):
+                await self.node.propose(command, timeout=attempt_timeout)
+                succeeded.set()
+
+        with trio.move_on_after(limit):
+            async with trio.open_nursery() as nursery:
+                while not succeeded.is_set():
+                    attempts += 1
+                    nursery.start_soon(attempt, self._next_command(1_000_000))
+                    with trio.move_on_after(interval):
+                        await succeeded.wait()
+                nursery.cancel_scope.cancel()
+        return {"ok": succeeded.is_set(), "attempts": attempts}
+
+
+async def serve(member: Member) -> None:
+    """Answer control requests from stdin until `stop` or the end of stdin."""
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = bytearray()
+    async with stdin:
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                chunk = await stdin.receive_some(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+                continue
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            if not line.strip():
+                continue
+            request = decode_line(line)
+            op = request["op"]
+            if op == "status":
+                answer = member.status()
+            elif op == "load":
+                answer = await member.load(
+                    int(request["window"]),
+                    float(request["seconds"]),
+                    float(request["warmup"]),
+                    float(request["timeout"]),
+                )
+            elif op == "serial":
+                answer = await member.serial(int(request["count"]), float(request["timeout"]))
+            elif op == "write_until_ok":
+                answer = await member.write_until_ok(
+                    float(request["interval"]), float(request["attempt_timeout"]), float(request["limit"])
+                )
+            elif op == "stop":
+                sys.stdout.buffer.write(encode_line({"stopped": True}))
+                sys.stdout.flush()
+                return
+            else:
+                answer = {"error": f"unknown op {op!r}"}
+            sys.stdout.buffer.write(encode_line(answer))
+            sys.stdout.flush()
+
+
+async def run(args: Any) -> None:
+    transport_options = {"cluster_secret": args.cluster_secret} if args.cluster_secret else {}
+    node = RaftNode(
+        args.id,
+        args.address,
+        args.peers,
+        state_machine=CountingMachine(),
+        storage=open_storage(args.data_dir),
+        transport=args.transport,
+        config=RaftConfig(durable=not args.non_durable),
+        transport_options=transport_options,
+    )
+    async with node:
+        sys.stdout.buffer.write(encode_line({"event": "ready"}))
+        sys.stdout.flush()
+        await serve(Member(node, args.profile))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = member_parser("One graft-trio member of the Raft benchmark.")
+    parser.add_argument("--data-dir", required=True, help="where the member's FileStorage lives")
+    parser.add_argument("--non-durable", action="store_true", help="RaftConfig(durable=False): no fsync")
+    parser.add_argument("--transport", default="tcp", help="the transport's entry-point name (default tcp)")
+    parser.add_argument("--cluster-secret", default=None, help="shared secret the members authenticate with")
+    parser.add_argument("--profile", default=None, help="profile each load request into this file")
+    trio.run(run, parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

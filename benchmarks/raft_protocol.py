@@ -1,0 +1,72 @@
+"""The control channel between `python -m benchmarks raft` and its member processes, shared by both systems.
+
+The orchestrator (`benchmarks/raft.py`) starts each member as ``python -m benchmarks.raft_member ...``
+(graft-trio) or ``python -m benchmarks.raft_pysyncobj ...`` (PySyncObj) and talks to it over its stdin and
+stdout, one JSON object per line. A member prints ``{"event": "ready"}`` once it serves Raft traffic, then
+answers each request with one line, in order:
+
+- ``{"op": "status"}`` -> ``{"role": "leader" | "follower" | ..., "leader": <name or null>,
+  "commit": <index>, "applied": <index>}``.
+- ``{"op": "load", "window": W, "seconds": S, "warmup": U, "timeout": T}`` -> the pipelined client, run in
+  this member's own process: `W` writers each keep one command outstanding (a new one as soon as the last
+  completed) for ``U + S`` seconds; answers ``{"completed": n, "failed": f, "lost": l}``, counting only the
+  completions that arrived in the last `S` seconds (the first `U` are warm-up).
+- ``{"op": "serial", "count": n, "timeout": T}`` -> ``{"latencies": [seconds, ...], "failed": f}``: `n`
+  writes, each sent once the previous one completed.
+- ``{"op": "write_until_ok", "interval": I, "attempt_timeout": T, "limit": L}`` -> ``{"ok": bool,
+  "attempts": k}``: a new write every `I` seconds (each given `T` seconds) until one succeeds, at most `L`
+  seconds. Used on a survivor right after the leader was killed.
+- ``{"op": "stop"}`` -> ``{"stopped": true}``, then the member exits.
+
+Every write is one `COMMAND_BYTES`-byte command; both systems' state machines apply it the same way (count
+the commands and their bytes). Members are named ``n1``, ``n2``, ``n3`` in both systems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+COMMAND_BYTES = 100
+
+
+def command_bytes(writer: int, sequence: int) -> bytes:
+    """A distinct `COMMAND_BYTES`-byte command for `writer`'s `sequence`-th write."""
+    head = b"%08x:%012x:" % (writer, sequence)
+    return head + b"." * (COMMAND_BYTES - len(head))
+
+
+def encode_line(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_line(line: bytes | str) -> dict[str, Any]:
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise ValueError(f"control line is not a JSON object: {line!r}")
+    return message
+
+
+def parse_peers(text: str) -> dict[str, str]:
+    """``n2@127.0.0.1:7102,n3@127.0.0.1:7103`` -> ``{"n2": "127.0.0.1:7102", ...}``."""
+    peers: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, address = item.partition("@")
+        if not sep or not name or not address:
+            raise argparse.ArgumentTypeError(f"peer {item!r} is not written name@host:port")
+        peers[name] = address
+    return peers
+
+
+def format_peers(peers: dict[str, str]) -> str:
+    return ",".join(f"{name}@{address}" for name, address in peers.items())
+
+
+def member_parser(description: str) -> argparse.ArgumentParser:
+    """The options both kinds of member take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--id", required=True, help="this member's name (n1, n2, ...)")
+    parser.add_argument("--address", required=True, help="host:port for Raft traffic")
+    parser.add_argument("--peers", type=parse_peers, required=True, help="name@host:port,... of the others")
+    return parser
