@@ -767,3 +767,29 @@ async def test_commands_carry_the_leaders_time_whoever_proposed_them(autojump_cl
         for node_id, node in nodes.items():  # every member applied the same times (wait for the followers)
             await node.read(b"")
             assert machines[node_id].times == times, node_id
+
+
+async def test_a_slow_proposal_is_appended_once_by_the_leader_that_holds_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A proposal still uncommitted after an election timeout is retried, but a leader that already has it in
+    its log in this term does not append it again (under overload that would double the log)."""
+    async with open_node_cluster(ABC) as cluster:
+        leader = await cluster.leader()
+        command = put("slow", "v")
+        # Followers keep hearing heartbeats (so nobody campaigns) but not the entries, for 3 election timeouts.
+        cluster.network.hold = lambda m: isinstance(m, AppendEntries) and any(e.data == command for e in m.entries)
+        async with trio.open_nursery() as nursery:
+
+            async def release_later() -> None:
+                await trio.sleep(3 * leader.config.election_timeout)
+                cluster.network.hold = None
+                cluster.network.release(lambda m: True)
+
+            nursery.start_soon(release_later)
+            assert await leader.propose(command, timeout=30) == b"v"
+        assert leader.is_leader
+        core = leader.core
+        assert core is not None
+        copies = [e.index for e in core.log.entries if e.data == command]
+        assert len(copies) == 1, copies

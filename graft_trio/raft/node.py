@@ -17,6 +17,7 @@ import contextlib
 import math
 import random
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -107,6 +108,17 @@ class _Waiter:
     result: bytes = b""
     error: Exception | None = None
     command: bytes | None = None  # a pending proposal's command, submitted again when the leader changes
+    appended_term: int = 0  # the term in which this member, as leader, appended the proposal to its log
+
+    def submit_proposal(self, core: RaftCore, request_id: str) -> None:
+        """Hand the proposal to the core, unless this member leads and already appended it in this term:
+        then it is in the log and commits with it, and appending it again would only grow the log."""
+        if self.event.is_set() or self.command is None:
+            return
+        if core.role is Role.LEADER and self.appended_term == core.term:
+            return
+        if core.propose(self.command, request_id) is not None:
+            self.appended_term = core.term
 
     def resolve(self, result: bytes) -> None:
         if not self.event.is_set():
@@ -191,7 +203,9 @@ class RaftNode:
         self.observer = observer
         self.core: RaftCore | None = None
         self._endpoint: Endpoint | None = None
-        self._dedup: dict[str, bytes] = {}
+        # request id -> result, oldest first. An OrderedDict: evicting from the front of a plain dict leaves
+        # holes that every later `next(iter(...))` walks past, which made eviction O(n).
+        self._dedup: OrderedDict[str, bytes] = OrderedDict()
         self._waiters: dict[str, _Waiter] = {}
         self._read_waiters: dict[int, tuple[_Waiter, bytes]] = {}
         self._reads_to_serve: list[tuple[int, int]] = []  # (index, context) confirmed, waiting for apply
@@ -352,9 +366,8 @@ class RaftNode:
         if core.leader_id is None:
             return
         for request_id, waiter in self._waiters.items():
-            if waiter.command is not None and not waiter.event.is_set():
-                with contextlib.suppress(NotLeaderError):
-                    core.propose(waiter.command, request_id)
+            with contextlib.suppress(NotLeaderError):
+                waiter.submit_proposal(core, request_id)
         for context, (waiter, _) in self._read_waiters.items():
             if not waiter.event.is_set():
                 with contextlib.suppress(NotLeaderError):
@@ -428,10 +441,11 @@ class RaftNode:
     def _remember(self, request_id: str, result: bytes) -> None:
         self._dedup[request_id] = result
         while len(self._dedup) > self.config.dedup_capacity:
-            del self._dedup[next(iter(self._dedup))]
+            self._dedup.popitem(last=False)
 
     def _restore(self, snapshot: Snapshot) -> None:
-        self._dedup, state = decode_applied_state(snapshot.data)
+        dedup, state = decode_applied_state(snapshot.data)
+        self._dedup = OrderedDict(dedup)
         self.state_machine.restore(state)
         self.applied_index = snapshot.meta.index
         if self.observer is not None:
@@ -536,10 +550,8 @@ class RaftNode:
         core = self._core()
 
         def submit() -> None:
-            if waiter.event.is_set():
-                return
             try:
-                core.propose(command, request_id)
+                waiter.submit_proposal(core, request_id)
             except NotLeaderError as exc:
                 waiter.fail(exc)
 
