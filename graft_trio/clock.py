@@ -1,7 +1,8 @@
 """Time as the engine sees it.
 
 Nothing in graft_trio reads the system clock or calls `trio.sleep` with a raw duration that matters for
-behaviour: it asks the `Clock` it was given. In production that is `TrioClock` (trio's own clock); in the
+behaviour: it asks the `Clock` it was given. A `Manager` defaults to `WallClock` (wall time that advances with
+trio's clock), a bare `RaftNode` to `TrioClock` (trio's own clock: Raft only measures intervals); in the
 simulator every member has a clock with its own skew and drift over the virtual clock.
 """
 

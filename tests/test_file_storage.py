@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 from graft_trio.raft import codec, file_storage
 from graft_trio.raft.file_storage import FileStorage
 from graft_trio.raft.messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, SnapshotMeta
-from graft_trio.raft.storage import CorruptStorageError, MemoryStorage, PersistentState, open_storage
+from graft_trio.raft.storage import CorruptStorageError, MemoryStorage, PersistentState, StorageInUseError, open_storage
 
 T = TypeVar("T")
 SMALL_SEGMENTS = 4096
@@ -163,7 +163,7 @@ async def test_reopen_after_close_on_the_same_object(tmp_path: Path) -> None:
 async def test_the_directory_is_locked_while_open(tmp_path: Path) -> None:
     first = FileStorage(tmp_path, segment_size=SMALL_SEGMENTS)
     await first.load()
-    with pytest.raises(RuntimeError, match="in use"):
+    with pytest.raises(StorageInUseError, match="in use"):
         await FileStorage(tmp_path, segment_size=SMALL_SEGMENTS).load()
     await first.close()
     await reopened(tmp_path)

@@ -881,3 +881,29 @@ def test_the_greeter_example_prints_the_spec_line() -> None:
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert completed.stdout.strip() == "WorkflowStatus.COMPLETED {'name': 'Ada', 'greeting': 'Hello, Ada!'}"
+
+
+async def test_a_leader_leaving_gracefully_hands_leadership_over_first(autojump_clock: trio.testing.MockClock) -> None:
+    network = MemoryNetwork()
+    ids = ["a", "b", "c"]
+    managers = {i: make_manager(network, i, {j: f"mem-{j}" for j in ids if j != i}) for i in ids}
+    async with trio.open_nursery() as nursery:
+        leave = {i: trio.Event() for i in ids}
+        for i in ids:
+
+            async def run(i: str = i, *, task_status: trio.TaskStatus[None]) -> None:
+                async with managers[i]:
+                    task_status.started()
+                    await leave[i].wait()
+
+            await nursery.start(run)
+        leader_id = await managers["a"].raft.wait_for_leader()
+        others = [managers[i] for i in ids if i != leader_id]
+        left_at = trio.current_time()
+        leave[leader_id].set()  # its body returns and it leaves `async with`: the graceful path
+        with trio.fail_after(10):
+            while not any(m.raft.is_leader for m in others):
+                await trio.sleep(0.01)
+        # A transfer (TimeoutNow) is quicker than the shortest election timeout the survivors would wait.
+        assert trio.current_time() - left_at < managers["a"].raft.config.election_timeout
+        nursery.cancel_scope.cancel()

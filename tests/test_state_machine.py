@@ -1005,3 +1005,14 @@ def test_every_command_carries_its_time_first() -> None:
     """`restamp` relies on it."""
     for command_type in c.COMMAND_TYPES:
         assert attrs.fields(command_type)[0].name == "now", command_type
+
+
+@given(
+    failures=st.integers(min_value=1, max_value=200),
+    jitter=st.floats(min_value=-1.0, max_value=1.0),
+)
+def test_a_retry_never_waits_longer_than_max_interval(failures: int, jitter: float) -> None:
+    from graft_trio.state.machine import retry_delay
+
+    delay = retry_delay(failures, initial_interval=1.0, backoff=2.0, max_interval=30.0, jitter=jitter)
+    assert 0.0 <= delay <= 30.0

@@ -38,7 +38,7 @@ import trio
 
 from graft_trio.raft import codec
 from graft_trio.raft.messages import Entry, HardState, Snapshot
-from graft_trio.raft.storage import CorruptStorageError, PersistentState, Storage
+from graft_trio.raft.storage import CorruptStorageError, PersistentState, Storage, StorageInUseError
 
 SEGMENT_SIZE = 64 * 1024 * 1024
 
@@ -173,7 +173,7 @@ class _Files:
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(f"{self.path} is in use by another FileStorage") from None
+                raise StorageInUseError(f"{self.path} is in use by another FileStorage (another member?)") from None
             scan = _scan(self.path)
             self._repair(scan)
         except BaseException:

@@ -25,6 +25,10 @@ class PersistentState:
     entries: tuple[Entry, ...] = ()  # the log after the snapshot, in index order, contiguous
 
 
+class StorageInUseError(OSError):
+    """The data directory is locked by another open storage (another member, or this one twice)."""
+
+
 class CorruptStorageError(Exception):
     """Stored data failed its checksum somewhere other than a torn tail; the member refuses to start."""
 

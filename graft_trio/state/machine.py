@@ -101,12 +101,13 @@ class InvalidCommand(Exception):
 
 
 def retry_delay(failures: int, initial_interval: float, backoff: float, max_interval: float, jitter: float) -> float:
-    """Seconds before retry number `failures`: exponential, capped, then spread by the proposer's jitter."""
+    """Seconds before retry number `failures`: exponential, capped, spread by the proposer's jitter and capped
+    again, so that no wait exceeds `max_interval` (as `RetryPolicy.delay_for` computes it)."""
     try:
         base = initial_interval * backoff ** (failures - 1)
     except OverflowError:
         base = max_interval
-    return max(0.0, min(base, max_interval) * (1.0 + jitter))
+    return max(0.0, min(min(base, max_interval) * (1.0 + jitter), max_interval))
 
 
 class WorkflowStateMachine(StateMachine):
