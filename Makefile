@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint sim bench clean
 
@@ -22,12 +23,19 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 	$(PY) -m sims run --seeds 200
+	$(PY) -m sims run --workload workflows --seeds 30
 
 sim: $(STAMP)
 	$(PY) -m sims run --seeds 500
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks sim
+	$(PY) -m benchmarks raft --vs pysyncobj
+	$(PY) -m benchmarks workflows
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
