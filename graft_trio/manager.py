@@ -146,7 +146,7 @@ class Manager:
         max_concurrent_steps: int = 16,
         retention: float = DEFAULT_RETENTION,
         claim_lease: float = MAX_CLAIM_LEASE,
-        claim_batch: int = 4,
+        claim_batch: int = 16,
         request_timeout: float = 30.0,
         http_port: int | None = None,
         http_host: str = "127.0.0.1",

@@ -123,6 +123,7 @@ class _Attempt:
     registered: RegisteredNode
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     lost: str | None = None  # why the claim was taken away, once it was
+    executing: bool = True  # its user code has not returned yet (it holds a slot of the member's capacity)
 
 
 @attrs.frozen
@@ -160,7 +161,10 @@ class Engine:
         self.max_concurrent_steps = max_concurrent_steps
         self.claim_lease = claim_lease
         self.claim_batch = claim_batch
-        self.running: dict[int, _Attempt] = {}
+        self.running: dict[int, _Attempt] = {}  # claims held: attempts executing or committing their outcome
+        # Attempts whose user code is running; only these take the member's and the node's capacity, so a
+        # slot is free again as soon as the code returns, while its outcome is still being committed.
+        self._executing = 0
         self._running_by_node: dict[str, int] = {}
         # Node names that may have claimable steps, each with the number of the signal that said so (a
         # claim that comes back short clears a name only if no newer signal arrived while it was in flight).
@@ -247,7 +251,8 @@ class Engine:
 
     def _room(self) -> tuple[list[str], dict[str, int], int]:
         """The names worth claiming, the per-name limits and the number of steps to ask for."""
-        free = self.max_concurrent_steps - len(self.running)
+        # Outcomes waiting for their commit hold claims too; bound them as well, should commits stall.
+        free = min(self.max_concurrent_steps - self._executing, 2 * self.max_concurrent_steps - len(self.running))
         if free <= 0 or not self._claiming:
             return [], {}, 0
         count = min(free, self.claim_batch)
@@ -304,6 +309,7 @@ class Engine:
         assert registered is not None and self._nursery is not None, grant.node_name
         attempt = _Attempt(grant, registered)
         self.running[grant.claim_id] = attempt
+        self._executing += 1
         self._running_by_node[grant.node_name] = self._running_by_node.get(grant.node_name, 0) + 1
         self._started += 1
         self._renew_wakeup.set()
@@ -315,8 +321,11 @@ class Engine:
         grant = attempt.grant
         try:
             outcome: CommandBuilder | None = None
-            with attempt.scope:
-                outcome = await self._execute(attempt)
+            try:
+                with attempt.scope:
+                    outcome = await self._execute(attempt)
+            finally:
+                self._finished_executing(attempt)
             if outcome is None or attempt.lost is not None:
                 self._dropped += 1
                 logger.debug("member %s: claim %d dropped: %s", self.member_id, grant.claim_id, attempt.lost)
@@ -330,11 +339,19 @@ class Engine:
                 self._committed += 1
         finally:
             del self.running[grant.claim_id]
-            left = self._running_by_node[grant.node_name] - 1
+            self._claim_wakeup.set()
+
+    def _finished_executing(self, attempt: _Attempt) -> None:
+        """The attempt's user code is done: its slot is free for another step (once per attempt)."""
+        if attempt.executing:
+            attempt.executing = False
+            self._executing -= 1
+            name = attempt.grant.node_name
+            left = self._running_by_node[name] - 1
             if left:
-                self._running_by_node[grant.node_name] = left
+                self._running_by_node[name] = left
             else:
-                del self._running_by_node[grant.node_name]
+                del self._running_by_node[name]
             self._claim_wakeup.set()
 
     async def _execute(self, attempt: _Attempt) -> CommandBuilder:
