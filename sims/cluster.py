@@ -212,6 +212,11 @@ class Simulation:
         self.members: dict[str, SimMember] = {}
         self.heal_started: float | None = None
         self.successes_after_heal: dict[int, int] = {}
+        # Who leads, for the liveness check: since when the cluster has had no leader, and whether it had one
+        # at some point of the heal phase.
+        self.leading: dict[str, bool] = {}
+        self.leaderless_since: float | None = 0.0
+        self.leader_after_heal = False
         self._chaos_send, self._chaos_receive = trio.open_memory_channel[tuple[str, str]](1024)
 
     # --- observer hooks (the checkers, the trace, the targeted faults) --------------------------------
@@ -221,6 +226,7 @@ class Simulation:
         soft = ready.soft_state
         if soft is not None:
             self.trace.add("role", f"{node_id} {soft.role.value} term={soft.term} leader={soft.leader_id}")
+            self._set_leading(node_id, soft.role is Role.LEADER)
             if soft.role is Role.LEADER:
                 self.elections += 1
                 if self.in_fault_phase() and self.fault_rng.random() < self.plan.leader_crashes:
@@ -316,6 +322,7 @@ class Simulation:
         if not member.alive or member.scope is None or member.stopped is None:
             return
         member.alive = False
+        self._set_leading(member.node_id, False)
         member.scope.cancel()
         await member.stopped.wait()
         # Unsynced writes are lost, except perhaps a prefix of them (a torn write that made it to disk).
@@ -482,6 +489,7 @@ class Simulation:
                     faults.cancel_scope.cancel()
                 # Heal: the network is whole again and every member is up.
                 self.heal_started = self.virtual_time.now()
+                self.leader_after_heal = any(self.leading.values())
                 self.trace.add("heal", "")
                 self.network.heal()  # ends partitions and releases every clogged link
                 for member in self.members.values():
@@ -511,14 +519,29 @@ class Simulation:
             trace=tuple(self.trace.lines),
         )
 
+    def _set_leading(self, node_id: str, leading: bool) -> None:
+        self.leading[node_id] = leading
+        if any(self.leading.values()):
+            self.leaderless_since = None
+            if self.heal_started is not None:
+                self.leader_after_heal = True
+        elif self.leaderless_since is None:
+            self.leaderless_since = self.virtual_time.now()
+
     def _check_liveness(self) -> list[Violation]:
+        """After the heal phase: a leader was elected in it and the cluster is not leaderless for longer than
+        a few election timeouts (the network's latency tail stays on after healing, so a late slow message may
+        cause an election that is still running when the phase ends), and every client made progress."""
         found: list[Violation] = []
         now = self.virtual_time.now()
         leaders = [
             m.node_id for m in self.members.values() if m.node is not None and m.alive and m.node.is_leader
         ]
-        if not leaders:
-            found.append(Violation("liveness", now, f"no leader {self.options.heal_time} s after healing"))
+        grace = LIVENESS_GRACE_ELECTION_TIMEOUTS * self.plan.raft.election_timeout
+        recently = self.leaderless_since is not None and now - self.leaderless_since <= grace
+        if not leaders and not (self.leader_after_heal and recently):
+            since = "" if self.leaderless_since is None else f" (none since {self.leaderless_since:.6f})"
+            found.append(Violation("liveness", now, f"no leader {self.options.heal_time} s after healing{since}"))
         for client_id in range(self.options.clients):
             if not self.successes_after_heal.get(client_id):
                 found.append(
@@ -529,6 +552,9 @@ class Simulation:
                     )
                 )
         return found
+
+
+LIVENESS_GRACE_ELECTION_TIMEOUTS = 4  # how long the cluster may be between leaders when the heal phase ends
 
 
 def run_seed(options: SimOptions) -> SimResult:

@@ -193,3 +193,12 @@ def test_a_delivery_that_raises_fails_the_network_task_not_trio() -> None:
     with pytest.raises(BaseExceptionGroup) as caught:
         run_simulation(scenario, 0)
     assert caught.group_contains(Boom)
+
+
+def test_the_liveness_check_catches_a_cluster_that_never_elects_a_leader(monkeypatch: pytest.MonkeyPatch) -> None:
+    from graft_trio.raft.core import RaftCore
+
+    monkeypatch.setattr(RaftCore, "can_campaign", lambda self: False)  # the planted bug: nobody ever campaigns
+    result = run_seed(SimOptions(seed=0, nodes=NODES))
+    assert any(v.checker == "liveness" and "no leader" in v.detail for v in result.violations), result.violations
+
