@@ -17,7 +17,7 @@ from sims.mutants import MUTANTS
 CAUGHT = {
     "ack-before-sync": (20, "acknowledged-durability"),
     "commit-old-term": (3, "leader-commit-rule"),
-    "forget-vote": (8, "vote-safety"),
+    "forget-vote": (18, "vote-safety"),
     "stale-read": (37, "linearizability"),
 }
 

@@ -456,6 +456,32 @@ def test_follower_that_lost_the_last_append_catches_up_on_the_next_heartbeat() -
     assert c["a"].log.committed == index
 
 
+def test_a_follower_slow_to_answer_is_not_sent_its_entries_again_within_an_election_timeout() -> None:
+    """Re-sending what is in flight to a follower that is only slow (a backlog, a loaded machine) deepens its
+    backlog; the leader presumes the entries lost only once a whole election timeout went by without
+    progress, then probes the follower from its match."""
+    c = CoreCluster(ABC)
+    a = c.elect("a")
+    assert a.election_elapsed == 0
+    sent: list[AppendEntries] = []
+
+    def slow_b(message: Message) -> bool:
+        if isinstance(message, AppendEntries) and message.target == "b" and message.entries:
+            sent.append(message)
+        return message.source == "b"  # nothing b says arrives for now
+
+    c.drop = slow_b
+    index = c.propose("a", b"x")
+    assert index is not None
+    c.tick(times=c.config.election_ticks - 1)
+    assert len(sent) == 1  # several heartbeat intervals, no copy
+    c.tick(times=2 * c.config.election_ticks)
+    assert len(sent) >= 2 and sent[-1].prev_log_index < index  # presumed lost: probed from b's match
+    c.drop = None
+    c.tick(times=c.config.election_ticks)
+    assert a.role is Role.LEADER and a.progress["b"].match_index == index
+
+
 def test_replication_resumes_after_a_whole_window_of_appends_is_lost() -> None:
     c = CoreCluster(ABC, config=CoreConfig(max_inflight_messages=2))
     c.elect("a")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from graft_trio.raft import CoreConfig, Member, Snapshot
 from graft_trio.raft.messages import (
     AppendEntries,
@@ -9,6 +14,7 @@ from graft_trio.raft.messages import (
     InstallSnapshotResponse,
     SnapshotMeta,
 )
+from graft_trio.raft.node import decode_applied_state, encode_applied_state
 from graft_trio.raft.progress import ProgressState
 from tests.raft_cluster import CoreCluster, decode_applied, membership_of
 
@@ -238,3 +244,23 @@ def test_snapshot_replaces_entries_in_the_append_stream_of_a_follower_that_fell_
     appends = [m for m in c.delivered[before:] if isinstance(m, AppendEntries) and m.target == "c"]
     assert appends
     assert all(m.prev_log_index >= c["a"].log.offset for m in appends)
+
+
+# --- the dedup table in a snapshot ----------------------------------------------------------------------
+
+
+@given(
+    st.dictionaries(st.text(max_size=12), st.binary(max_size=12), max_size=20),
+    st.binary(max_size=30),
+)
+def test_the_dedup_table_and_state_round_trip_through_a_snapshot(dedup: dict[str, bytes], state: bytes) -> None:
+    decoded, decoded_state = decode_applied_state(encode_applied_state(dedup, state))
+    assert list(decoded.items()) == list(dedup.items())  # in order: the oldest is evicted first
+    assert decoded_state == state
+
+
+def test_a_snapshot_in_the_first_layout_of_the_dedup_table_is_still_read() -> None:
+    first_layout = b"".join(
+        [struct.pack(">I", 2), struct.pack(">II", 3, 1), b"a/1", b"x", struct.pack(">II", 4, 0), b"b/\xc3\xa9", b"S"]
+    )
+    assert decode_applied_state(first_layout) == ({"a/1": b"x", "b/é": b""}, b"S")

@@ -396,23 +396,34 @@ class RaftCore:
                 self._become_follower(self.term, None)
                 return
             self.transfer_target = None  # a transfer that did not finish in an election timeout is abandoned
+            self._probe_stalled_followers()
         if self.heartbeat_elapsed >= self.config.heartbeat_ticks:
             self.heartbeat_elapsed = 0
             self._broadcast_heartbeat(0)
-            last = self.log.last_index
             for node_id, progress in self.progress.items():
                 if progress.state is ProgressState.SNAPSHOT:
                     progress.snapshot_sent = False  # resend the chunk that may have been lost
                     self._needs_send[node_id] = True
-                elif (
-                    node_id != self.id
-                    and progress.state is ProgressState.REPLICATE
-                    and progress.heartbeat_match == progress.match_index < last
-                ):
-                    # No progress for a whole heartbeat interval: what was in flight is presumed lost.
-                    progress.become_probe()
-                    self._needs_send[node_id] = True
-                progress.heartbeat_match = progress.match_index
+
+    def _probe_stalled_followers(self) -> None:
+        """Once per election timeout: a follower whose match has not moved since the last round while
+        entries were outstanding presumably lost what was in flight; probe it from its match.
+
+        Not once per heartbeat: a follower busy with a backlog (megabyte messages, a loaded machine) often
+        takes longer than a heartbeat interval to answer, and probing it then re-sent everything in flight,
+        which only deepened its backlog (in one loaded benchmark run the leader sent 22.5 MB where 14 MB
+        sufficed once the check waited an election timeout).
+        """
+        last = self.log.last_index
+        for node_id, progress in self.progress.items():
+            if (
+                node_id != self.id
+                and progress.state is ProgressState.REPLICATE
+                and progress.heartbeat_match == progress.match_index < last
+            ):
+                progress.become_probe()
+                self._needs_send[node_id] = True
+            progress.heartbeat_match = progress.match_index
 
     def _quorum_active(self) -> bool:
         active = 0
@@ -531,7 +542,9 @@ class RaftCore:
         self.log.append([entry])
         if entry.membership is not None:
             self._sync_progress()
-        for node_id in self.membership.ids:
+        # The leader keeps one Progress per member: iterating it spares building the membership's ids
+        # for every proposal (`ready` sends in the membership's order whatever the order here).
+        for node_id in self.progress:
             if node_id != self.id:
                 self._needs_send[node_id] = True
         return entry.index

@@ -1,9 +1,11 @@
 """`RaftNode`: the trio driver around the sans-I/O core.
 
 One task owns the core. Messages from peers, ticks and requests from callers all reach it through one
-channel, so the core is only ever touched by that task and needs no locks. Each turn of its loop drains
-what is waiting, then handles the core's `Ready` in the order Raft needs: persist the hard state and
-entries (one fsync for the whole batch: group commit), then send messages, then apply committed entries,
+channel (proposals and reads through a queue it takes whole each turn), so the core is only ever touched
+by that task and needs no locks. Each turn of its loop drains what is waiting, then handles the core's
+`Ready` in the order Raft needs: persist the hard state and entries (one fsync for the whole batch: group
+commit; a change of the commit index alone is not written), then send messages (a leader sends before
+writing its own entries, which count towards a quorum only once written), then apply committed entries,
 then answer reads whose index is applied.
 
 Proposals get a `request_id`; the state machine wrapper keeps a table of recently applied ids and their
@@ -14,11 +16,15 @@ driver when a forward was lost, is applied once.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import random
 import struct
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import accumulate
 from typing import Any, Protocol
 
 import attrs
@@ -34,7 +40,16 @@ from graft_trio.raft.errors import (
     ProposalTimeout,
     RaftError,
 )
-from graft_trio.raft.messages import MESSAGE_TYPES, Entry, EntryKind, Member, Membership, Message, Snapshot
+from graft_trio.raft.messages import (
+    MESSAGE_TYPES,
+    Entry,
+    EntryKind,
+    HardState,
+    Member,
+    Membership,
+    Message,
+    Snapshot,
+)
 from graft_trio.raft.progress import ProgressState
 from graft_trio.raft.statemachine import StateMachine
 from graft_trio.raft.storage import MemoryStorage, Storage
@@ -61,6 +76,7 @@ class RaftConfig:
     catch_up_margin: int = 16  # a learner within this many entries of the leader is promoted
     dedup_capacity: int = 65536  # request ids remembered for exactly-once application of retries
     max_batch: int = 1024  # events handled per turn of the loop before the core's output is flushed
+    max_pending_proposals: int = 1024  # a member's proposals in flight; more wait for room
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(
@@ -104,16 +120,22 @@ class RaftObserver(Protocol):
 
 @attrs.define
 class _Waiter:
+    """A caller waiting for its proposal or read. `event` is set when it is done (`resolve`, `fail`) and
+    when its timer expires (`expire`: time to submit again, or to give up); the caller then replaces it."""
+
     event: trio.Event = attrs.Factory(trio.Event)
+    done: bool = False
     result: bytes = b""
     error: Exception | None = None
+    expired: bool = False
+    due: float = math.inf  # member time at which the timer expires it; earlier heap entries for it are stale
     command: bytes | None = None  # a pending proposal's command, submitted again when the leader changes
     appended_term: int = 0  # the term in which this member, as leader, appended the proposal to its log
 
     def submit_proposal(self, core: RaftCore, request_id: str) -> None:
         """Hand the proposal to the core, unless this member leads and already appended it in this term:
         then it is in the log and commits with it, and appending it again would only grow the log."""
-        if self.event.is_set() or self.command is None:
+        if self.done or self.command is None:
             return
         if core.role is Role.LEADER and self.appended_term == core.term:
             return
@@ -121,31 +143,96 @@ class _Waiter:
             self.appended_term = core.term
 
     def resolve(self, result: bytes) -> None:
-        if not self.event.is_set():
+        if not self.done:
+            self.done = True
             self.result = result
             self.event.set()
 
     def fail(self, error: Exception) -> None:
-        if not self.event.is_set():
+        if not self.done:
+            self.done = True
             self.error = error
             self.event.set()
 
+    def expire(self) -> None:
+        if not self.done:
+            self.expired = True
+            self.event.set()
+
+    def rearm(self) -> None:
+        """Wait again: after an expiry, or after a failure the caller retries."""
+        self.done = self.expired = False
+        self.error = None
+        self.event = trio.Event()
+
 
 _TICK = object()
+_REQUESTS = object()  # wakes the main loop to take the queued requests
+
+# What callers queue for the main loop: a proposal (its request id and waiter), or a call to make.
+_Request = tuple[str, _Waiter] | Callable[[], None]
+
+
+# The dedup table in a snapshot: this magic, the count, every request id's length then every result's length
+# (big-endian 32-bit), the request ids, the results; then the state machine's bytes. Laid out by column so
+# that it is encoded and decoded by a few joins and one array conversion, not a call per entry: the table
+# holds `dedup_capacity` ids and is encoded on the member's loop at every snapshot. (The first layout, a
+# count and then id and result entry by entry, is still read: its count would have to be over a billion
+# to spell this magic.)
+_DEDUP_MAGIC = b"GDD2"
+_BIG_ENDIAN_LENGTHS = sys.byteorder == "big"
+_UINT32 = next(code for code in "IL" if array(code).itemsize == 4)
+
+
+def _lengths_bytes(lengths: array[int]) -> bytes:
+    if not _BIG_ENDIAN_LENGTHS:
+        lengths.byteswap()
+    return lengths.tobytes()
 
 
 def encode_applied_state(dedup: dict[str, bytes], state: bytes) -> bytes:
-    parts = [struct.pack(">I", len(dedup))]
-    for request_id, result in dedup.items():
-        rid = request_id.encode()
-        parts.append(struct.pack(">II", len(rid), len(result)))
-        parts.append(rid)
-        parts.append(result)
-    parts.append(state)
-    return b"".join(parts)
+    request_ids = list(dedup)
+    ids = "".join(request_ids).encode()
+    lengths = array(_UINT32, map(len, request_ids))
+    if len(ids) != sum(lengths):  # some id is not ASCII: its length in bytes differs
+        encoded = [request_id.encode() for request_id in request_ids]
+        ids = b"".join(encoded)
+        lengths = array(_UINT32, map(len, encoded))
+    results = list(dedup.values())
+    lengths.extend(map(len, results))
+    return b"".join(
+        (_DEDUP_MAGIC, struct.pack(">I", len(request_ids)), _lengths_bytes(lengths), ids, b"".join(results), state)
+    )
 
 
 def decode_applied_state(data: bytes) -> tuple[dict[str, bytes], bytes]:
+    if data[:4] != _DEDUP_MAGIC:
+        return _decode_applied_state_by_entry(data)
+    (count,) = struct.unpack_from(">I", data, 4)
+    if count == 0:
+        return {}, data[8:]
+    lengths = array(_UINT32)
+    lengths.frombytes(data[8 : 8 + 8 * count])
+    if not _BIG_ENDIAN_LENGTHS:
+        lengths.byteswap()
+    offset = 8 + 8 * count
+    id_ends = list(accumulate(lengths[:count]))
+    id_starts = [0, *id_ends[:-1]]
+    ids_end = offset + id_ends[-1]
+    ids_bytes = data[offset:ids_end]
+    ids = ids_bytes.decode()
+    if len(ids) == len(ids_bytes):  # all ASCII: offsets in bytes are offsets in characters
+        request_ids = [ids[start:end] for start, end in zip(id_starts, id_ends, strict=True)]
+    else:
+        request_ids = [ids_bytes[start:end].decode() for start, end in zip(id_starts, id_ends, strict=True)]
+    result_ends = [ids_end + end for end in accumulate(lengths[count:])]
+    result_starts = [ids_end, *result_ends[:-1]]
+    results = [data[start:end] for start, end in zip(result_starts, result_ends, strict=True)]
+    state_start = result_ends[-1]
+    return dict(zip(request_ids, results, strict=True)), data[state_start:]
+
+
+def _decode_applied_state_by_entry(data: bytes) -> tuple[dict[str, bytes], bytes]:
     (count,) = struct.unpack_from(">I", data, 0)
     offset = 4
     dedup: dict[str, bytes] = {}
@@ -215,6 +302,13 @@ class RaftNode:
         self._request_seq = 0
         self._incarnation = f"{self.rng.getrandbits(48):012x}"
         self._send_events, self._receive_events = trio.open_memory_channel[object](65536)
+        self._requests: list[_Request] = []  # proposals and reads queued for the main loop
+        self._proposals_in_flight = 0
+        self._room = trio.lowlevel.ParkingLot()  # proposals waiting for `max_pending_proposals` to allow them
+        self._timers: list[tuple[float, int, _Waiter]] = []  # a heap of (due, sequence, waiter)
+        self._timer_seq = 0
+        self._timer_due = math.inf  # while the timer loop sleeps: the member time it sleeps until
+        self._timer_scope: trio.CancelScope | None = None
         self._changed = trio.Event()  # set (and replaced) after every turn of the loop
         self._running = False
         self.applied_index = 0
@@ -222,6 +316,10 @@ class RaftNode:
         self._tick_due = math.inf  # while the tick loop sleeps: the member time it sleeps until
         self._tick_scope: trio.CancelScope | None = None
         self._known_leader: str | None = None
+        # The term and vote last written to storage: a hard state that changes only the commit index is
+        # not written on its own (see `_persist`).
+        self._stored_term_vote: tuple[int, str | None] = (0, None)
+        self._unstored_hard_state: HardState | None = None  # a commit-only change not yet written
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -244,6 +342,7 @@ class RaftNode:
             members = [Member(self.node_id, self.address), *(Member(i, a) for i, a in self.peers.items())]
             hard_state, entries = RaftCore.bootstrap_entries(Membership.of(members))
             await self.storage.save(hard_state, entries, sync=self.config.durable)
+        self._stored_term_vote = (hard_state.term, hard_state.vote)
         stamp: Callable[[bytes], bytes] | None = None
         if type(self.state_machine).stamp is not StateMachine.stamp:
             machine, clock = self.state_machine, self.clock
@@ -263,6 +362,7 @@ class RaftNode:
                 self._endpoint = endpoint
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._tick_loop)
+                    nursery.start_soon(self._timer_loop)
                     if core.membership.voters == (self.node_id,):
                         core.campaign_now()
                     self._running = True
@@ -271,6 +371,8 @@ class RaftNode:
         finally:
             self._running = False
             self._endpoint = None
+            self._requests.clear()
+            self._room.unpark_all()
             error = NodeStoppedError(f"member {self.node_id} stopped")
             for waiter in self._waiters.values():
                 waiter.fail(error)
@@ -348,6 +450,8 @@ class RaftNode:
                 except trio.WouldBlock:
                     break
                 self._handle(core, event)
+            if self._requests:
+                self._take_requests(core)
             while core.has_ready():
                 await self._process_ready(core, core.ready())
                 if core.leader_id != self._known_leader:
@@ -369,31 +473,59 @@ class RaftNode:
             with contextlib.suppress(NotLeaderError):
                 waiter.submit_proposal(core, request_id)
         for context, (waiter, _) in self._read_waiters.items():
-            if not waiter.event.is_set():
+            if not waiter.done:
                 with contextlib.suppress(NotLeaderError):
                     core.read_index(context)
 
     def _handle(self, core: RaftCore, event: object) -> None:
-        if event is _TICK:
-            pass  # the ticks it stands for were caught up on already
+        if event is _TICK or event is _REQUESTS:
+            pass  # the ticks it stands for were caught up on already; queued requests are taken each turn
         elif callable(event):
             event()
         else:
             core.step(event)  # type: ignore[arg-type]
 
     async def _process_ready(self, core: RaftCore, ready: Ready) -> None:
-        await self._persist(ready)
-        self._send_messages(ready)
+        if self._may_send_before_persisting(core, ready):
+            # The leader writes its own entries in parallel with replicating them (dissertation §10.2.1):
+            # nothing it sends depends on that write, and its own match counts towards a quorum only once
+            # `advance` has marked the entries stable.
+            self._send_messages(ready)
+            await self._persist(ready)
+        else:
+            await self._persist(ready)
+            self._send_messages(ready)
         self._apply(ready)
         core.advance(ready)
         await self._maybe_snapshot(core)
 
+    def _may_send_before_persisting(self, core: RaftCore, ready: Ready) -> bool:
+        """Whether `ready`'s messages may leave before its write: on a leader whose term and vote are
+        already durable. Such a leader has been leader throughout the turn (becoming one changes the term
+        or, from candidate, followed a durable vote), so its messages are AppendEntries, heartbeats and
+        answers that depend on no entry of this batch; a follower's acknowledgement never goes early."""
+        if core.role is not Role.LEADER or ready.snapshot is not None or not ready.messages:
+            return False
+        hard_state = ready.hard_state
+        return hard_state is None or (hard_state.term, hard_state.vote) == self._stored_term_vote
+
     async def _persist(self, ready: Ready) -> None:
+        """Write what `ready` asks to keep: a received snapshot, then entries and hard state in one save.
+
+        A hard state that changes only the commit index is not written on its own, and so never delays
+        applying (etcd's MustSync): the commit index is volatile state in Raft, and a restarted member
+        learns it again from the leader. It still reaches the disk with the next write of entries.
+        """
         if ready.snapshot is not None:
             await self.storage.save_snapshot(ready.snapshot, discard_log=ready.discard_log)
             self._restore(ready.snapshot)
-        if ready.hard_state is not None or ready.entries:
-            await self.storage.save(ready.hard_state, ready.entries, sync=self.config.durable)
+        hard_state = ready.hard_state or self._unstored_hard_state
+        term_vote = self._stored_term_vote if hard_state is None else (hard_state.term, hard_state.vote)
+        if ready.entries or term_vote != self._stored_term_vote:
+            await self.storage.save(hard_state, ready.entries, sync=self.config.durable)
+            self._stored_term_vote, self._unstored_hard_state = term_vote, None
+        else:
+            self._unstored_hard_state = hard_state
         if self.observer is not None:
             self.observer.persisted(self.node_id, self._core(), ready)
 
@@ -507,78 +639,141 @@ class RaftNode:
         except trio.WouldBlock:
             await self._send_events.send(event)
 
-    async def _await_with_retries(
-        self, waiter: _Waiter, submit: Callable[[], None], timeout: float | None, what: str
-    ) -> bytes:
-        """Submit, wait, and submit again each election timeout until done or `timeout` passes."""
-        self._check_running()
-        timeout = self.config.default_timeout if timeout is None else timeout
+    def _enqueue(self, request: _Request) -> None:
+        """Hand `request` to the main loop without waiting: the loop takes every queued request at each
+        turn, so proposals arriving together cost one wake-up, not one channel event each."""
+        self._requests.append(request)
+        if len(self._requests) == 1:
+            # The first request since the loop last took them: wake the loop if it is waiting. If the
+            # channel is full the loop is busy and takes the queue at its next turn anyway.
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._send_events.send_nowait(_REQUESTS)
+
+    def _take_requests(self, core: RaftCore) -> None:
+        requests, self._requests = self._requests, []
+        for request in requests:
+            if isinstance(request, tuple):
+                request_id, waiter = request
+                try:
+                    waiter.submit_proposal(core, request_id)
+                except NotLeaderError as exc:
+                    waiter.fail(exc)
+            else:
+                request()
+
+    async def _await_with_retries(self, waiter: _Waiter, request: _Request, deadline: float, what: str) -> bytes:
+        """Queue `request`, wait, and queue it again each election timeout until done or `deadline` (on
+        the member's clock) passes. The waits are timed by `_timer_loop`, not by a cancel scope each: a
+        scope per proposal cost more than the rest of proposing."""
+        clock = self.clock
+        timeout = deadline - clock.now()
         saw_leader = False
-        with self.clock.move_on_after(timeout):
-            while True:
-                await self._submit(submit)
-                with self.clock.move_on_after(self.config.election_timeout):
-                    await waiter.event.wait()
-                if waiter.event.is_set():
-                    if waiter.error is not None:
-                        if isinstance(waiter.error, NotLeaderError) and waiter.error.leader_id is None:
-                            # No leader right now: wait for one, then try again.
-                            waiter.error = None
-                            waiter.event = trio.Event()
+        while (now := clock.now()) < deadline:
+            self._enqueue(request)
+            self._set_timer(waiter, min(deadline, now + self.config.election_timeout))
+            await waiter.event.wait()
+            if waiter.done:
+                if waiter.error is not None:
+                    if isinstance(waiter.error, NotLeaderError) and waiter.error.leader_id is None:
+                        # No leader right now: wait for one, then try again.
+                        waiter.rearm()
+                        with trio.move_on_at(clock.trio_deadline(deadline)):
                             await self._wait_until(lambda: self._core().leader_id is not None)
                             saw_leader = True
-                            continue
-                        raise waiter.error
-                    return waiter.result
-                saw_leader = saw_leader or self._core().leader_id is not None
+                        continue
+                    raise waiter.error
+                return waiter.result
+            waiter.rearm()
+            saw_leader = saw_leader or self._core().leader_id is not None
         if saw_leader or self._core().leader_id is not None:
-            raise ProposalTimeout(f"{what} did not complete within {timeout} s")
-        raise NoQuorumError(f"no leader for {timeout} s; {what} not done")
+            raise ProposalTimeout(f"{what} did not complete within {timeout:g} s")
+        raise NoQuorumError(f"no leader for {timeout:g} s; {what} not done")
+
+    def _set_timer(self, waiter: _Waiter, due: float) -> None:
+        waiter.due = due
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (due, self._timer_seq, waiter))
+        if due < self._timer_due and self._timer_scope is not None:
+            self._timer_scope.cancel()
+
+    async def _timer_loop(self) -> None:
+        """Expire the waiters whose time has come (`_Waiter.due`), sleeping until the earliest one."""
+        timers = self._timers
+        while True:
+            now = self.clock.now()
+            while timers and timers[0][0] <= now:
+                due, _, waiter = heapq.heappop(timers)
+                if waiter.due == due:
+                    waiter.expire()
+            due = timers[0][0] if timers else math.inf
+            with trio.CancelScope() as scope:
+                self._timer_scope, self._timer_due = scope, due
+                if due == math.inf:
+                    await trio.sleep_forever()
+                else:
+                    await self.clock.sleep_until(due)
+            self._timer_scope, self._timer_due = None, math.inf
+
+    async def _wait_for_room(self, deadline: float) -> None:
+        """Wait while `max_pending_proposals` proposals of this member are in flight (backpressure: a
+        backlog beyond that only lengthens every proposal's wait until they all time out together)."""
+        if self._proposals_in_flight < self.config.max_pending_proposals:
+            return
+        with trio.move_on_at(self.clock.trio_deadline(deadline)):
+            while self._proposals_in_flight >= self.config.max_pending_proposals:
+                await self._room.park()
+                self._check_running()
+            return
+        raise ProposalTimeout(
+            f"proposal not submitted: {self._proposals_in_flight} proposals of {self.node_id} were in flight until "
+            "its timeout"
+        )
 
     async def propose(self, command: bytes, *, timeout: float | None = None, request_id: str | None = None) -> bytes:
         """Replicate `command` and return what the state machine's `apply` returned for it.
 
         Made on any member: a follower forwards it to the leader. A proposal retried with the same
-        `request_id` (by this call, or by the caller after a timeout) is applied once.
+        `request_id` (by this call, or by the caller after a timeout) is applied once. While
+        `max_pending_proposals` proposals of this member are in flight, waits for one of them to finish.
         Raises ProposalTimeout or NoQuorumError after `timeout` seconds; the command may still be applied.
         """
         request_id = request_id or self.new_request_id()
         cached = self._dedup.get(request_id)
         if cached is not None:
             return cached
+        self._check_running()
+        deadline = self.clock.now() + (self.config.default_timeout if timeout is None else timeout)
+        await self._wait_for_room(deadline)
         waiter = self._waiters.setdefault(request_id, _Waiter(command=command))
-        core = self._core()
-
-        def submit() -> None:
-            try:
-                waiter.submit_proposal(core, request_id)
-            except NotLeaderError as exc:
-                waiter.fail(exc)
-
+        self._proposals_in_flight += 1
         try:
-            return await self._await_with_retries(waiter, submit, timeout, "proposal")
+            return await self._await_with_retries(waiter, (request_id, waiter), deadline, "proposal")
         finally:
+            self._proposals_in_flight -= 1
+            self._room.unpark()
             if self._waiters.get(request_id) is waiter:
                 del self._waiters[request_id]
 
     async def read(self, query: bytes, *, timeout: float | None = None) -> bytes:
         """A linearizable read (ReadIndex), served on this member once it has applied the read point."""
+        self._check_running()
+        core = self._core()
         self._read_context += 1
         context = self._read_context
         waiter = _Waiter()
         self._read_waiters[context] = (waiter, query)
-        core = self._core()
 
         def submit() -> None:
-            if waiter.event.is_set():
+            if waiter.done:
                 return
             try:
                 core.read_index(context)
             except NotLeaderError as exc:
                 waiter.fail(exc)
 
+        deadline = self.clock.now() + (self.config.default_timeout if timeout is None else timeout)
         try:
-            return await self._await_with_retries(waiter, submit, timeout, "read")
+            return await self._await_with_retries(waiter, submit, deadline, "read")
         finally:
             self._read_waiters.pop(context, None)
 

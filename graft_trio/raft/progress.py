@@ -57,7 +57,7 @@ class Progress:
     snapshot_index: int = 0  # in SNAPSHOT: the index of the snapshot being sent
     snapshot_offset: int = 0  # in SNAPSHOT: the next byte the follower asked for
     snapshot_sent: bool = False  # in SNAPSHOT: a chunk is awaiting its reply
-    heartbeat_match: int = 0  # match_index at the previous heartbeat: no change since means a stall
+    heartbeat_match: int = 0  # match_index at the previous stall check (once per election timeout)
 
     def is_paused(self) -> bool:
         if self.state is ProgressState.PROBE:
