@@ -23,7 +23,6 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 	$(PY) -m sims run --seeds 200
-	$(PY) -m sims run --workload workflows --seeds 30
 
 sim: $(STAMP)
 	$(PY) -m sims run --seeds 500
