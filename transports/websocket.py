@@ -24,7 +24,6 @@ close that does not wait for the peer, which the link layer needs (see docs/TRAN
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections import deque
 from collections.abc import Sequence
 
@@ -55,7 +54,7 @@ from transports._framing import (
 )
 from transports._handshake import HandshakeError
 from transports._links import ConnectionHandler, LinkTransport
-from transports.tcp import format_address, parse_address
+from transports.tcp import dial, format_address, parse_address, serve_streams, socket_peer
 
 WEBSOCKET_PATH = "/graft-raft"
 """The one resource a member serves; a request for any other path is answered 404 and refused."""
@@ -198,14 +197,6 @@ class WebsocketConnection(FramedConnection):
             self._send_lock.release()
 
 
-def _socket_peer(stream: trio.SocketStream) -> str:
-    try:
-        name = stream.socket.getpeername()
-    except OSError:
-        return "unknown peer"
-    return format_address(str(name[0]), int(name[1]))
-
-
 class WebsocketTransport(LinkTransport):
     """Members reach each other over websockets: one connection per direction per pair of members, each
     a ``ws://`` (or, with `tls`, ``wss://``) connection to ``host:port/graft-raft``."""
@@ -214,16 +205,9 @@ class WebsocketTransport(LinkTransport):
 
     async def connect(self, address: str) -> FramedConnection:
         host, port = parse_address(address)
-        stream = await trio.open_tcp_stream(host, port)
+        stream, wrapped = await dial(host, port, self.options.tls)
         try:
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-            wrapped: trio.abc.Stream = stream
-            tls = self.options.tls
-            if tls is not None:
-                ssl_stream = trio.SSLStream(stream, tls.client_context, server_hostname=host)
-                await ssl_stream.do_handshake()
-                wrapped = ssl_stream
-            connection = WebsocketConnection(wrapped, _socket_peer(stream), WSConnection(ConnectionType.CLIENT))
+            connection = WebsocketConnection(wrapped, socket_peer(stream), WSConnection(ConnectionType.CLIENT))
             await connection.request_upgrade(format_address(host, port))
             return connection
         except BaseException:
@@ -237,26 +221,8 @@ class WebsocketTransport(LinkTransport):
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        host, port = parse_address(address)
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        try:
-            # With port 0 each listener has a port of its own; the member advertises the first.
-            bound_port = int(listeners[0].socket.getsockname()[1])
-        except BaseException:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
-            raise
-        tls = self.options.tls
+        async def on_stream(stream: trio.abc.Stream, peer: str) -> None:
+            await handler(WebsocketConnection(stream, peer, WSConnection(ConnectionType.SERVER)))
 
-        async def on_stream(stream: trio.SocketStream) -> None:
-            peer = _socket_peer(stream)
-            wrapped: trio.abc.Stream = stream
-            if tls is not None:
-                # The TLS handshake runs on the first read, inside the handler's handshake timeout.
-                wrapped = trio.SSLStream(stream, tls.server_context, server_side=True)
-            await handler(WebsocketConnection(wrapped, peer, WSConnection(ConnectionType.SERVER)))
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, on_stream, listeners)
-            task_status.started(format_address(host, bound_port))
+        await serve_streams(address, self.options.tls, on_stream, task_status=task_status)
 
