@@ -15,19 +15,14 @@ into ``FILE-load-<window>.prof`` / ``FILE-serial.prof``, with a readable summary
 from __future__ import annotations
 
 import contextlib
-import cProfile
-import io
-import os
-import pstats
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import trio
 
-from benchmarks.raft_protocol import command_bytes, decode_line, encode_line, member_parser
+from benchmarks.raft_protocol import command_bytes, member_parser, profiled, reply, requests_from_stdin
 from graft_trio.raft import (
     NoQuorumError,
     NotLeaderError,
@@ -105,26 +100,9 @@ class Member:
                     nursery.start_soon(writer, index)
         return {**counts, "lost": 0}
 
-    @contextlib.contextmanager
-    def _profiled(self, what: str) -> Iterator[None]:
+    def _profiled(self, what: str) -> contextlib.AbstractContextManager[None]:
         """With `--profile`, cProfile the block into ``<profile>-<what>.prof`` and a summary in ``.txt``."""
-        if self.profile_path is None:
-            yield
-            return
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            yield
-        finally:
-            profiler.disable()
-            path = f"{self.profile_path}-{what}.prof"
-            profiler.dump_stats(path)
-            text = io.StringIO()
-            stats = pstats.Stats(profiler, stream=text)
-            stats.sort_stats("tottime").print_stats(40)
-            stats.sort_stats("cumulative").print_stats(60)
-            with open(path + ".txt", "w") as file:
-                file.write(text.getvalue())
+        return profiled(None if self.profile_path is None else f"{self.profile_path}-{what}.prof")
 
     async def serial(self, count: int, timeout: float) -> dict[str, Any]:
         latencies: list[float] = []
@@ -165,46 +143,29 @@ class Member:
 
 async def serve(member: Member) -> None:
     """Answer control requests from stdin until `stop` or the end of stdin."""
-    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    buffer = bytearray()
-    async with stdin:
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                chunk = await stdin.receive_some(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-                continue
-            line = bytes(buffer[:newline])
-            del buffer[: newline + 1]
-            if not line.strip():
-                continue
-            request = decode_line(line)
-            op = request["op"]
-            if op == "status":
-                answer = member.status()
-            elif op == "load":
-                answer = await member.load(
-                    int(request["window"]),
-                    float(request["seconds"]),
-                    float(request["warmup"]),
-                    float(request["timeout"]),
-                )
-            elif op == "serial":
-                answer = await member.serial(int(request["count"]), float(request["timeout"]))
-            elif op == "write_until_ok":
-                answer = await member.write_until_ok(
-                    float(request["interval"]), float(request["attempt_timeout"]), float(request["limit"])
-                )
-            elif op == "stop":
-                sys.stdout.buffer.write(encode_line({"stopped": True}))
-                sys.stdout.flush()
-                return
-            else:
-                answer = {"error": f"unknown op {op!r}"}
-            sys.stdout.buffer.write(encode_line(answer))
-            sys.stdout.flush()
+    async for request in requests_from_stdin():
+        op = request["op"]
+        if op == "status":
+            answer = member.status()
+        elif op == "load":
+            answer = await member.load(
+                int(request["window"]),
+                float(request["seconds"]),
+                float(request["warmup"]),
+                float(request["timeout"]),
+            )
+        elif op == "serial":
+            answer = await member.serial(int(request["count"]), float(request["timeout"]))
+        elif op == "write_until_ok":
+            answer = await member.write_until_ok(
+                float(request["interval"]), float(request["attempt_timeout"]), float(request["limit"])
+            )
+        elif op == "stop":
+            reply({"stopped": True})
+            return
+        else:
+            answer = {"error": f"unknown op {op!r}"}
+        reply(answer)
 
 
 async def run(args: Any) -> None:
@@ -220,8 +181,7 @@ async def run(args: Any) -> None:
         transport_options=transport_options,
     )
     async with node:
-        sys.stdout.buffer.write(encode_line({"event": "ready"}))
-        sys.stdout.flush()
+        reply({"event": "ready"})
         await serve(Member(node, args.profile))
 
 

@@ -25,8 +25,17 @@ the commands and their bytes). Members are named ``n1``, ``n2``, ``n3`` in both 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import io
 import json
+import os
+import pstats
+import sys
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+import trio
 
 COMMAND_BYTES = 100
 
@@ -46,6 +55,52 @@ def decode_line(line: bytes | str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ValueError(f"control line is not a JSON object: {line!r}")
     return message
+
+
+async def requests_from_stdin() -> AsyncIterator[dict[str, Any]]:
+    """A trio member's control requests, one per line of stdin (blank lines skipped), until its end."""
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = bytearray()
+    async with stdin:
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                chunk = await stdin.receive_some(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+                continue
+            line = bytes(buffer[:newline])
+            del buffer[: newline + 1]
+            if line.strip():
+                yield decode_line(line)
+
+
+def reply(message: dict[str, Any]) -> None:
+    """Answer the orchestrator: one line on stdout."""
+    sys.stdout.buffer.write(encode_line(message))
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def profiled(path: str | None) -> Iterator[None]:
+    """With a `path`, cProfile the block into ``<path>`` and a readable summary into ``<path>.txt``."""
+    if path is None:
+        yield
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(60)
+        with open(path + ".txt", "w") as file:
+            file.write(text.getvalue())
 
 
 def parse_peers(text: str) -> dict[str, str]:

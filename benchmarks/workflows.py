@@ -45,19 +45,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
-import io
 import math
 import os
 import platform
-import pstats
 import secrets
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -65,7 +62,13 @@ import trio
 
 import graft_trio as graft
 from benchmarks.raft import BenchmarkError, MemberProcess, free_port
-from benchmarks.raft_protocol import decode_line, encode_line, format_peers, member_parser
+from benchmarks.raft_protocol import (
+    format_peers,
+    member_parser,
+    profiled,
+    reply,
+    requests_from_stdin,
+)
 from graft_trio.state import commands as c
 
 NAMES = ("n1", "n2", "n3")
@@ -198,66 +201,37 @@ class Member:
             return {"error": self.tracker.broken}
         return answer
 
-    @contextlib.contextmanager
-    def _profiled(self, what: str | None) -> Iterator[None]:
+    def _profiled(self, what: str | None) -> contextlib.AbstractContextManager[None]:
         if self.profile_path is None or what is None:
-            yield
-            return
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            yield
-        finally:
-            profiler.disable()
-            path = f"{self.profile_path}/{what}-{self.manager.node_id}.prof"
-            profiler.dump_stats(path)
-            text = io.StringIO()
-            stats = pstats.Stats(profiler, stream=text)
-            stats.sort_stats("tottime").print_stats(40)
-            stats.sort_stats("cumulative").print_stats(60)
-            with open(path + ".txt", "w") as file:
-                file.write(text.getvalue())
+            return profiled(None)
+        return profiled(f"{self.profile_path}/{what}-{self.manager.node_id}.prof")
 
 
 async def serve(member: Member) -> None:
     """Answer control requests from stdin, one at a time, until `stop` or the end of stdin."""
-    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    buffer = bytearray()
-    async with stdin:
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                chunk = await stdin.receive_some(65536)
-                if not chunk:
-                    return
-                buffer += chunk
-                continue
-            request = decode_line(bytes(buffer[:newline]))
-            del buffer[: newline + 1]
-            op = request["op"]
-            answer: dict[str, Any]
-            if op == "status":
-                answer = member.status()
-            elif op == "workflows":
-                answer = await member.workflows(
-                    str(request["prefix"]),
-                    int(request["count"]),
-                    int(request["window"]),
-                    int(request["steps"]),
-                    request.get("profile"),
-                )
-            elif op == "serial":
-                answer = await member.serial(str(request["prefix"]), int(request["count"]), int(request["steps"]))
-            elif op == "proposals":
-                answer = await member.proposals(int(request["count"]), int(request["window"]))
-            elif op == "stop":
-                sys.stdout.buffer.write(encode_line({"stopped": True}))
-                sys.stdout.flush()
-                return
-            else:
-                answer = {"error": f"unknown op {op!r}"}
-            sys.stdout.buffer.write(encode_line(answer))
-            sys.stdout.flush()
+    async for request in requests_from_stdin():
+        op = request["op"]
+        answer: dict[str, Any]
+        if op == "status":
+            answer = member.status()
+        elif op == "workflows":
+            answer = await member.workflows(
+                str(request["prefix"]),
+                int(request["count"]),
+                int(request["window"]),
+                int(request["steps"]),
+                request.get("profile"),
+            )
+        elif op == "serial":
+            answer = await member.serial(str(request["prefix"]), int(request["count"]), int(request["steps"]))
+        elif op == "proposals":
+            answer = await member.proposals(int(request["count"]), int(request["window"]))
+        elif op == "stop":
+            reply({"stopped": True})
+            return
+        else:
+            answer = {"error": f"unknown op {op!r}"}
+        reply(answer)
 
 
 async def run_member(args: argparse.Namespace) -> None:
@@ -275,8 +249,7 @@ async def run_member(args: argparse.Namespace) -> None:
     member = Member(manager, args.profile)
     async with manager, trio.open_nursery() as nursery:
         await nursery.start(member.tracker.run, manager)
-        sys.stdout.buffer.write(encode_line({"event": "ready"}))
-        sys.stdout.flush()
+        reply({"event": "ready"})
         await serve(member)
         nursery.cancel_scope.cancel()
 
