@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import attrs
 import trio
@@ -184,6 +185,12 @@ class _ObservedNetwork(SimNetwork):
         super().deliver(source, target_address, message)
 
 
+class MemberRun(Protocol):
+    """A member's ``run``: `RaftNode.run` or `Manager.run`."""
+
+    def __call__(self, *, task_status: trio.TaskStatus[None] = ...) -> Awaitable[None]: ...
+
+
 @attrs.define(eq=False)
 class SimMember:
     node_id: str
@@ -303,20 +310,29 @@ class Simulation:
             observer=self,
         )
         member.node = node
+        self.mark_started(member)
+        await self.run_member(nursery, member, node.run)
+
+    def mark_started(self, member: SimMember) -> None:
+        """A new incarnation of `member` is about to run: give it a cancel scope (its crash switch)."""
         member.scope = trio.CancelScope()
         member.stopped = trio.Event()
         member.alive = True
         self.trace.add("start", f"{member.node_id} incarnation={member.incarnation}")
 
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run_member(self, nursery: trio.Nursery, member: SimMember, run: MemberRun) -> None:
+        """Start `run` (a member's ``run(task_status=...)``) under the member's cancel scope; return once it
+        serves. `member.stopped` is set when it ends, however it ends."""
+
+        async def guarded(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             assert member.scope is not None and member.stopped is not None
             try:
                 with member.scope:
-                    await node.run(task_status=task_status)
+                    await run(task_status=task_status)
             finally:
                 member.stopped.set()
 
-        await nursery.start(run)
+        await nursery.start(guarded)
 
     async def crash_member(self, member: SimMember) -> None:
         if not member.alive or member.scope is None or member.stopped is None:

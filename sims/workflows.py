@@ -286,10 +286,7 @@ class WorkflowSimulation(Simulation):
         self.incarnations.append((f"{member.node_id}#{member.incarnation}", applied, events))
         self.managers[member.node_id] = manager
         member.node = manager.raft
-        member.scope = trio.CancelScope()
-        member.stopped = trio.Event()
-        member.alive = True
-        self.trace.add("start", f"{member.node_id} incarnation={member.incarnation}")
+        self.mark_started(member)
         subscribed: trio.Event = trio.Event()
 
         async def consume() -> None:
@@ -302,15 +299,7 @@ class WorkflowSimulation(Simulation):
         nursery.start_soon(consume)
         await subscribed.wait()
 
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            assert member.scope is not None and member.stopped is not None
-            try:
-                with member.scope:
-                    await manager.run(task_status=task_status)
-            finally:
-                member.stopped.set()
-
-        await nursery.start(run)
+        await self.run_member(nursery, member, manager.run)
 
     def _saw(self, node_id: str, event: Any) -> None:
         workflow_id = getattr(event, "workflow_id", None)
