@@ -55,6 +55,13 @@ MAX_TRANSIENT_FAILURES = 2  # < RETRY.max_attempts: the retries absorb them
 JOIN_DEPTHS = 3
 NODE_NAMES = ("task", "flaky", *(f"join{depth}" for depth in range(JOIN_DEPTHS)))
 MESSAGE_BUDGET = 500_000  # a run sends 5,000 to 50,000 messages; far more is a message storm: stop there
+# Floors under the key-value workload's Raft limits, which were drawn for its 20-byte commands. Workflow
+# commands are a few hundred bytes and the state a few hundred KB: at 120-byte messages (one entry each)
+# and 64-byte snapshot chunks a follower that fell behind took longer to catch up than the run lasts (one
+# entry or chunk per round trip, while five members renew their claims twice a second). The limits still
+# bite: a message holds a handful of entries and a snapshot still travels in many chunks.
+MIN_MESSAGE_BYTES = 4096
+MIN_SNAPSHOT_CHUNK_BYTES = 4096
 START_ERRORS = (NodeStoppedError, NoQuorumError, NotLeaderError, ProposalTimeout, TimeoutError)
 
 
@@ -272,7 +279,11 @@ class WorkflowSimulation(Simulation):
             storage=member.storage,
             clock=member.clock,
             rng=random.Random(self.restart_rng.getrandbits(64)),
-            raft_config=self.plan.raft,
+            raft_config=attrs.evolve(
+                self.plan.raft,
+                max_message_bytes=max(self.plan.raft.max_message_bytes, MIN_MESSAGE_BYTES),
+                snapshot_chunk_bytes=max(self.plan.raft.snapshot_chunk_bytes, MIN_SNAPSHOT_CHUNK_BYTES),
+            ),
             claim_lease=1.5,
             max_concurrent_steps=4,
             request_timeout=3.0,

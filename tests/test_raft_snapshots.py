@@ -218,8 +218,10 @@ def test_member_restarts_from_its_snapshot_and_the_log_after_it() -> None:
     assert c.applied["b"] == [*commands(5), b"tail"]
 
 
-def test_leader_that_compacts_again_while_sending_a_snapshot_switches_to_the_new_one() -> None:
+def test_leader_that_compacts_again_while_sending_a_snapshot_finishes_the_one_in_flight() -> None:
     c = behind_the_compaction_point(SMALL_CHUNKS)
+    first = c["a"].snapshot
+    assert first is not None
     c.heal()
     c.drop = lambda m: isinstance(m, InstallSnapshot) and m.offset >= 32  # stall the transfer midway
     c.tick(times=c.config.heartbeat_ticks)
@@ -227,13 +229,36 @@ def test_leader_that_compacts_again_while_sending_a_snapshot_switches_to_the_new
     c.cut.update({("a", "c"), ("c", "a")})
     for command in commands(5, prefix="y"):
         c.propose("a", command)
-    c.compact("a")
+    second = c.compact("a")
+    assert second.meta.index > first.meta.index
     c.heal()
+    before = len(c.delivered)
     c.tick(times=c.config.heartbeat_ticks * 3)
     c.propose("a", b"end")
     c.tick(times=c.config.heartbeat_ticks)
-    assert len({m.meta.index for m in installs(c, "c")}) == 2
+    sent = [m for m in c.delivered[before:] if isinstance(m, InstallSnapshot) and m.target == "c"]
+    # The transfer resumes where the follower stopped, not from offset 0 of the newer snapshot: restarting
+    # at every new snapshot starved a follower whose transfer outlasted the leader's snapshot interval.
+    assert (sent[0].meta.index, sent[0].offset) == (first.meta.index, 32)
+    assert [m.meta.index for m in sent] == sorted(m.meta.index for m in sent)  # the first one, then the second
+    assert {m.meta.index for m in sent} == {first.meta.index, second.meta.index}
     assert c.applied["c"] == [*commands(10), *commands(5, prefix="y"), b"end"]
+
+
+def test_a_duplicated_snapshot_reply_does_not_start_a_second_stream_of_chunks() -> None:
+    c = behind_the_compaction_point(SMALL_CHUNKS)
+    c.heal()
+    for _ in range(c.config.heartbeat_ticks):
+        c["a"].tick()  # a heartbeat, whose reply shows c behind the log: the first chunk goes out
+    while not c.queued(InstallSnapshotResponse, source="c"):
+        assert c.deliver_one() is not None
+    replies = c.queued(InstallSnapshotResponse, source="c")
+    assert [m.next_offset for m in replies if isinstance(m, InstallSnapshotResponse)] == [16]
+    c.queue.extend(replies)  # the network duplicates the reply
+    c.deliver()
+    offsets = [m.offset for m in installs(c, "c")]
+    assert offsets == sorted(set(offsets))  # each chunk sent once: one stream
+    assert c.applied["c"] == commands(10)
 
 
 def test_snapshot_replaces_entries_in_the_append_stream_of_a_follower_that_fell_far_behind() -> None:

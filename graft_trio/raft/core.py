@@ -598,7 +598,7 @@ class RaftCore:
         if prev_term is None:
             if self.snapshot is None:
                 return  # nothing to send from yet
-            progress.become_snapshot(self.snapshot.meta.index)
+            progress.become_snapshot(self.snapshot)
             self._send_snapshot_chunk(node_id, progress)
             return
         entries = self.log.slice(progress.next_index, self.log.last_index + 1, self.config.max_message_bytes)
@@ -618,11 +618,9 @@ class RaftCore:
             progress.probe_sent = True
 
     def _send_snapshot_chunk(self, node_id: str, progress: Progress) -> None:
-        snapshot = self.snapshot
+        snapshot = progress.snapshot
         if snapshot is None:
             return
-        if progress.snapshot_index != snapshot.meta.index:
-            progress.become_snapshot(snapshot.meta.index)
         start = progress.snapshot_offset
         chunk = snapshot.data[start : start + self.config.snapshot_chunk_bytes]
         done = start + len(chunk) >= len(snapshot.data)
@@ -904,7 +902,11 @@ class RaftCore:
             progress.next_index = progress.match_index + 1
             self._needs_send[message.source] = True
             return
-        if message.meta_index == progress.snapshot_index:
+        # One chunk is in flight at a time, and only a reply that moves the offset sends the next one. A
+        # duplicated or reordered reply naming the current offset is dropped: answering it too started a
+        # second chain of chunks, and every further duplicate another (a message storm). A chunk or reply
+        # that was lost is resent at the next heartbeat.
+        if message.meta_index == progress.snapshot_index and message.next_offset != progress.snapshot_offset:
             progress.snapshot_offset = message.next_offset
             progress.snapshot_sent = False
             self._needs_send[message.source] = True

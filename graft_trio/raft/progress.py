@@ -13,6 +13,8 @@ from collections import deque
 
 import attrs
 
+from .messages import Snapshot
+
 
 class ProgressState(enum.Enum):
     PROBE = "probe"
@@ -55,6 +57,10 @@ class Progress:
     probe_sent: bool = False  # in PROBE, one message at a time
     recent_active: bool = False  # heard from since the last CheckQuorum round
     snapshot_index: int = 0  # in SNAPSHOT: the index of the snapshot being sent
+    # In SNAPSHOT: the snapshot being sent. Kept until the transfer ends even if the leader takes a newer
+    # one meanwhile: restarting from offset 0 at every new snapshot starved a follower whose transfer
+    # takes longer than the leader's snapshot interval.
+    snapshot: Snapshot | None = None
     snapshot_offset: int = 0  # in SNAPSHOT: the next byte the follower asked for
     snapshot_sent: bool = False  # in SNAPSHOT: a chunk is awaiting its reply
     heartbeat_match: int = 0  # match_index at the previous stall check (once per election timeout)
@@ -74,6 +80,7 @@ class Progress:
         self.state = ProgressState.PROBE
         self.probe_sent = False
         self.snapshot_index = 0
+        self.snapshot = None
         self.inflights.reset()
 
     def become_replicate(self) -> None:
@@ -82,9 +89,10 @@ class Progress:
         self.probe_sent = False
         self.inflights.reset()
 
-    def become_snapshot(self, snapshot_index: int) -> None:
+    def become_snapshot(self, snapshot: Snapshot) -> None:
         self.state = ProgressState.SNAPSHOT
-        self.snapshot_index = snapshot_index
+        self.snapshot = snapshot
+        self.snapshot_index = snapshot.meta.index
         self.snapshot_offset = 0
         self.snapshot_sent = False
         self.inflights.reset()
