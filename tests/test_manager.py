@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 import graft_trio as graft
+from graft_trio.clock import Clock
 from graft_trio.manager import Manager
 from graft_trio.raft import MemoryStorage
 from graft_trio.raft.messages import Message
@@ -906,4 +907,72 @@ async def test_a_leader_leaving_gracefully_hands_leadership_over_first(autojump_
                 await trio.sleep(0.01)
         # A transfer (TimeoutNow) is quicker than the shortest election timeout the survivors would wait.
         assert trio.current_time() - left_at < managers["a"].raft.config.election_timeout
+        nursery.cancel_scope.cancel()
+
+
+# --- replicated time ----------------------------------------------------------------------------------
+
+
+class ShiftedClock(Clock):
+    """trio's clock plus an offset that a test may change: a member whose clock is off."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return trio.current_time() + self.offset
+
+    def trio_deadline(self, deadline: float) -> float:
+        return deadline - self.offset
+
+
+class Delayer(graft.Node[dict[str, Any], dict[str, Any]]):
+    name = "delayer"
+
+    async def execute(self, ctx: graft.NodeContext, state: dict[str, Any], config: dict[str, Any]) -> graft.NodeResult:
+        return graft.NodeResult(next_nodes=[graft.NextNode("delayed", delay=5.0)])
+
+
+class Delayed(graft.Node[dict[str, Any], dict[str, Any]]):
+    name = "delayed"
+
+    async def execute(self, ctx: graft.NodeContext, state: dict[str, Any], config: dict[str, Any]) -> graft.NodeResult:
+        return graft.NodeResult(data={"done": True})
+
+
+async def test_timers_fire_on_time_after_failover_to_a_leader_whose_clock_is_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork()
+    ids = ["a", "b", "c"]
+    clocks = {i: ShiftedClock() for i in ids}
+    managers = {i: make_manager(network, i, {j: f"mem-{j}" for j in ids if j != i}, clock=clocks[i]) for i in ids}
+    scopes = {i: trio.CancelScope() for i in ids}
+    async with trio.open_nursery() as nursery:
+        for i in ids:
+            managers[i].register_node(Delayer())
+            managers[i].register_node(Delayed())
+
+            async def run(i: str = i, *, task_status: trio.TaskStatus[None]) -> None:
+                with scopes[i]:
+                    await managers[i].run(task_status=task_status)
+
+            await nursery.start(run)
+        first = await managers["a"].raft.wait_for_leader()
+        clocks[first].offset = 1000.0  # the first leader's clock runs 1,000 s ahead: so does the log's time
+        await managers[first].start_workflow(trigger("wf-1", "delayed"))
+        assert (await managers[first].wait_for_workflow("wf-1", timeout=10)).status is graft.WorkflowStatus.COMPLETED
+        survivor = managers[next(i for i in ids if i != first)]
+        async with survivor.subscribe(graft.LeaderChanged) as changes:
+            scopes[first].cancel()
+            async for change in changes:
+                if change.leader_id not in (None, first):
+                    break
+        started = trio.current_time()
+        await survivor.start_workflow(trigger("wf-2", "delayer"))
+        # The new leader's clock is 1,000 s behind the log: the 5 s timer still fires after 5 s, not 1,005 s.
+        view = await survivor.wait_for_workflow("wf-2", timeout=30)
+        assert view.status is graft.WorkflowStatus.COMPLETED
+        assert 5.0 <= trio.current_time() - started < 10.0
+        assert view.completed_at is not None and view.completed_at > 1000.0  # the log's time never went back
         nursery.cancel_scope.cancel()

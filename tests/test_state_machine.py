@@ -995,6 +995,16 @@ def test_restamp_replaces_only_the_time_of_every_command(now: float, new: float)
         assert restamped == attrs.evolve(command, now=new)
 
 
+def test_a_leader_whose_clock_is_behind_the_log_stamps_from_where_the_log_stands() -> None:
+    machine = WorkflowStateMachine()
+    machine.apply(1, encode(c.Tick(now=1000.0)))
+    assert c.decode(machine.stamp(encode(c.Tick(now=0.0)), 10.0)).now == 1000.0
+    assert c.decode(machine.stamp(encode(c.Tick(now=0.0)), 15.0)).now == 1005.0  # at the leader's pace from there
+    assert machine.leader_time(20.0) == 1010.0
+    machine.apply(2, encode(c.Tick(now=2000.0)))  # a later leader ran further ahead
+    assert machine.leader_time(21.0) == 2000.0
+
+
 def test_restamp_leaves_everything_but_commands_unchanged() -> None:
     for data in (c.encode(c.GetWorkflow(workflow_id="w")), b"garbage", b"[2,12,5.0]", b"", b"[1,12,"):
         assert c.restamp(data, 42.0) == data

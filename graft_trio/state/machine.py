@@ -119,6 +119,9 @@ class WorkflowStateMachine(StateMachine):
 
     def __init__(self, listener: EventListener | None = None) -> None:
         self.listener = listener
+        # How far this member's clock was found behind replicated time while it led (see `leader_time`).
+        # Local, never replicated: it relates this member's clock to the log's time.
+        self._clock_correction = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -147,8 +150,22 @@ class WorkflowStateMachine(StateMachine):
     # --- the StateMachine interface -------------------------------------------------------------------
 
     def stamp(self, command: bytes, leader_time: float) -> bytes:
-        """Commands carry the leader's clock as their time, whichever member proposed them."""
-        return c.restamp(command, leader_time)
+        """Commands carry the leader's time (`leader_time` of its clock), whichever member proposed them."""
+        return c.restamp(command, self.leader_time(leader_time))
+
+    def leader_time(self, clock_now: float) -> float:
+        """The time this member stamps on commands while it leads, given its clock's reading.
+
+        Its clock, moved forward by as much as it was ever found behind replicated time. A leader whose clock
+        is behind the previous leader's would otherwise stamp times the log already passed: replicated time
+        (the maximum of the stamps) would stand still until its clock caught up, and every timer, lease and
+        retention would fire that much late. With the correction it advances at the leader's pace from where
+        the log stands. A clock ahead of the log needs none: replicated time jumps forward to it, as it
+        would with any leader change between members whose clocks differ.
+        """
+        if clock_now + self._clock_correction < self.now:
+            self._clock_correction = self.now - clock_now
+        return clock_now + self._clock_correction
 
     def apply(self, index: int, command: bytes) -> bytes:
         try:

@@ -15,8 +15,9 @@ do next:
 - **Leases.** While attempts run, their claims are renewed every `claim_lease / 3`. A claim reported
   lost (by the renewal, by a lease-expired `NodeFailed`, or revoked by `WorkflowCancelled`) cancels its
   attempt; a commit refused with `ClaimLost` is dropped: another member owns the step now.
-- **Timers.** The leader proposes `Tick` when `NextDeadline` has passed (timers, leases, retention); it
-  sleeps until then, woken early by every apply. Followers leave it to the leader.
+- **Timers.** The leader proposes `Tick` when `NextDeadline` has passed in replicated time (timers,
+  leases, retention; `WorkflowStateMachine.leader_time`); it sleeps until then, woken early by every
+  apply. Followers leave it to the leader.
 
 Every command gets its time from `Proposer.now`, the member's clock, in one place; proposals that fail
 because there is no leader or no quorum are retried with the same request id (applied once) and backoff.
@@ -453,8 +454,11 @@ class Engine:
             if due is None:
                 await self._tick_wakeup.wait()
                 continue
-            if due > self.clock.now():
-                with trio.move_on_at(self.clock.trio_deadline(due)):
+            # `due` is in replicated time, which runs ahead of this member's clock if the clock was found
+            # behind it (`leader_time`): wait the difference, not until the clock reads `due`.
+            now = self.state_machine.leader_time(self.clock.now())
+            if due > now:
+                with self.clock.move_on_after(due - now):
                     await self._tick_wakeup.wait()
                 continue
             try:
