@@ -32,6 +32,12 @@ CANCELLED = WorkflowStatus.CANCELLED
 LEASE = 30.0
 
 
+def encoded_afresh(machine: WorkflowStateMachine) -> bytes:
+    """The snapshot without `Workflow.sealed_record`: every record encoded now, in one `json.dumps`."""
+    records = [machine._workflow_record(wf) for wf in machine.workflows.values()]
+    return json.dumps([1, machine.now, machine.next_step_id, records], separators=(",", ":")).encode()
+
+
 class Harness:
     """Applies commands to a machine and to a twin, through bytes, checking invariants and determinism."""
 
@@ -54,7 +60,10 @@ class Harness:
         return decode(self.machine.query(encode(query)))
 
     def check_twin(self) -> None:
-        assert self.machine.snapshot() == self.twin.snapshot()
+        snapshot = self.machine.snapshot()
+        assert snapshot == self.twin.snapshot()
+        assert snapshot == encoded_afresh(self.machine), "a sealed record went stale"
+
 
     # --- shorthands: every command at the harness's current time ---
 

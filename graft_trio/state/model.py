@@ -150,6 +150,9 @@ class Workflow:
     active: int = 0  # READY + DELAYED + CLAIMED: work that can still change the state
     parked: int = 0
     dead: int = 0
+    # The encoded snapshot record of a COMPLETED or CANCELLED workflow, which nothing changes any more
+    # (derived, made at the first snapshot that includes it). Retained workflows are most of a snapshot.
+    sealed_record: bytes | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def retain_until(self) -> float | None:
