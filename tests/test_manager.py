@@ -976,3 +976,42 @@ async def test_timers_fire_on_time_after_failover_to_a_leader_whose_clock_is_beh
         assert 5.0 <= trio.current_time() - started < 10.0
         assert view.completed_at is not None and view.completed_at > 1000.0  # the log's time never went back
         nursery.cancel_scope.cancel()
+
+
+# --- spreading a light load ---------------------------------------------------------------------------
+
+
+class Recorder(graft.Node[dict[str, Any], dict[str, Any]]):
+    name = "recorder"
+
+    def __init__(self, ran_on: list[str]) -> None:
+        self.ran_on = ran_on
+
+    async def execute(self, ctx: graft.NodeContext, state: dict[str, Any], config: dict[str, Any]) -> graft.NodeResult:
+        self.ran_on.append(ctx.member_id)
+        await trio.sleep(0.5)
+        return graft.NodeResult(data={"ran_on": ctx.member_id})
+
+
+async def run_one_at_a_time(leader_claim_delay: float) -> tuple[str, list[str]]:
+    ran_on: list[str] = []
+    async with open_cluster(["a", "b", "c"], lambda mgr: mgr.register_node(Recorder(ran_on))) as members:
+        for member in members.values():
+            member.manager.engine.leader_claim_delay = leader_claim_delay
+        leader = await members["a"].manager.raft.wait_for_leader()
+        for i in range(9):
+            await members[leader].manager.start_workflow(trigger(f"wf-{i}", "recorder"))
+            await members[leader].manager.wait_for_workflow(f"wf-{i}", timeout=10)
+    return leader, ran_on
+
+
+async def test_a_light_load_is_spread_over_the_followers_not_left_to_the_leader(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    leader, ran_on = await run_one_at_a_time(leader_claim_delay=0.02)
+    assert len(ran_on) == 9
+    assert ran_on.count(leader) <= 1, ran_on
+    assert len(set(ran_on)) >= 2, ran_on  # both followers got work
+    # Without the leader's wait, its claims land first and it runs everything (what this test guards).
+    leader, ran_on = await run_one_at_a_time(leader_claim_delay=0.0)
+    assert ran_on == [leader] * 9

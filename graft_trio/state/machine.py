@@ -690,6 +690,10 @@ class WorkflowStateMachine(StateMachine):
         _push(self._ready.setdefault(name, []), entry, count, self._live_ready)
         self._ready_names[name] = None
 
+    def claimable(self, node_name: str) -> int:
+        """How many steps of `node_name` a claim could take now, as far as this member has applied."""
+        return self._ready_count.get(node_name, 0)
+
     def _unqueue(self, step: Step) -> None:
         if step.queued:
             step.queued = False

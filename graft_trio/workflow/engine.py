@@ -48,6 +48,10 @@ from graft_trio.workflow.types import NodeContext, NonRetryableError
 logger = logging.getLogger(__name__)
 
 RETRYABLE_ERRORS = (NotLeaderError, ProposalTimeout, NoQuorumError)
+# How long a leader waits before claiming new work, so that followers (which apply each entry a round trip
+# later) get a share of a light load. A few LAN round trips, and a small part of any step worth
+# distributing.
+LEADER_CLAIM_DELAY = 0.02
 CommandBuilder = Callable[[float], Any]  # the member's `now` -> a command
 
 
@@ -172,6 +176,10 @@ class Engine:
         self._maybe_ready: dict[str, int] = {}
         self._signals = 0
         self._claiming = False  # off until the orphans of a previous life are released, and while draining
+        # How long a leader lets the followers claim new work first (see `_claim_loop`), unless it has a
+        # backlog: its last claim came back full.
+        self.leader_claim_delay = LEADER_CLAIM_DELAY
+        self._backlog = False
         self._claim_wakeup = trio.Event()
         self._renew_wakeup = trio.Event()
         self._tick_wakeup = trio.Event()
@@ -273,9 +281,19 @@ class Engine:
         return names, limits, count
 
     async def _claim_loop(self) -> None:
+        yielded = False
         while True:
             self._claim_wakeup = trio.Event()  # replaced before looking, so no wake-up is missed
             names, limits, count = self._room()
+            if names and not yielded and self._yields_to_followers():
+                # The leader applies every entry first, so without this its claims always landed first and
+                # under a light load it ran nearly every step while the followers idled. It lets them have
+                # a go; with a backlog (its last claim came back full) it claims at once.
+                await self.clock.sleep(self.leader_claim_delay)
+                self._forget_names_with_nothing_claimable()
+                yielded = True
+                continue
+            yielded = False
             if not names:
                 await self._claim_wakeup.wait()
                 continue
@@ -293,6 +311,7 @@ class Engine:
                 logger.error("member %s: claim refused: %r", self.member_id, reply)
                 await self._claim_wakeup.wait()
                 continue
+            self._backlog = len(reply.grants) == count
             if len(reply.grants) < count:
                 # The claim stopped short: every name that was not held back by its own limit ran dry.
                 granted: dict[str, int] = {}
@@ -304,6 +323,19 @@ class Engine:
                         del self._maybe_ready[name]
             for grant in reply.grants:
                 self._start_attempt(grant)
+
+    def _yields_to_followers(self) -> bool:
+        """Whether this member, as leader of a cluster with other members, waits before claiming."""
+        if self.leader_claim_delay <= 0 or self._backlog or not self.raft.is_leader:
+            return False
+        return len(self.raft.status().members) > 1
+
+    def _forget_names_with_nothing_claimable(self) -> None:
+        """Drop the names whose steps this member's state shows all taken: claiming them would only add
+        an empty `Claim` to the log. A later `StepsReady` marks them again."""
+        for name in list(self._maybe_ready):
+            if self.state_machine.claimable(name) == 0:
+                del self._maybe_ready[name]
 
     def _start_attempt(self, grant: c.ClaimGrant) -> None:
         registered = self.registry.get(grant.node_name)
