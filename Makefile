@@ -23,9 +23,11 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 	$(PY) -m sims run --seeds 200
+	$(PY) -m sims run --workload workflows --seeds 40
 
 sim: $(STAMP)
 	$(PY) -m sims run --seeds 500
+	$(PY) -m sims run --workload workflows --seeds 200
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
