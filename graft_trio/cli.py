@@ -59,6 +59,7 @@ class NodeSettings:
     cluster_secret: str | None = attrs.field(repr=False)
     app: str | None
     log_level: str
+    join: bool = False  # the peers are a running cluster: ask it to add this member
 
 
 # flag destination -> environment variable
@@ -73,6 +74,7 @@ NODE_ENV = {
     "cluster_secret": "GRAFT_CLUSTER_SECRET",
     "app": "GRAFT_APP",
     "log_level": "GRAFT_LOG_LEVEL",
+    "join": "GRAFT_JOIN",
 }
 
 
@@ -159,6 +161,9 @@ def node_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> NodeS
     log_level = (_setting(args, environ, "log_level", "INFO") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise CliError(f"--log-level (or GRAFT_LOG_LEVEL) must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    join_text = (_setting(args, environ, "join", "") or "").strip().lower()
+    if join_text not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise CliError(f"--join (or GRAFT_JOIN) must be 1 or 0 (true/false, yes/no, on/off), got {join_text!r}")
     return NodeSettings(
         node_id=node_id,
         raft_addr=raft_addr,
@@ -170,6 +175,7 @@ def node_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> NodeS
         cluster_secret=_setting(args, environ, "cluster_secret"),
         app=_setting(args, environ, "app"),
         log_level=log_level,
+        join=join_text in ("1", "true", "yes", "on"),
     )
 
 
@@ -219,6 +225,7 @@ def build_manager(settings: NodeSettings) -> Manager:
         settings.data_dir,
         transport=settings.transport,
         peers=settings.peers,
+        join=settings.join,
         cluster_secret=settings.cluster_secret,
     )
 
@@ -444,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--raft-addr", help="host:port the member listens on for Raft (GRAFT_RAFT_ADDR)")
     node.add_argument(
         "--peers", help="the other founding members: node-2@127.0.0.1:7101,node-3@127.0.0.1:7102 (GRAFT_PEERS)"
+    )
+    node.add_argument(
+        "--join",
+        action="store_const",
+        const="1",
+        help="join the running cluster whose members --peers lists, instead of founding one (GRAFT_JOIN=1)",
     )
     node.add_argument("--transport", help=f"one of {', '.join(TRANSPORTS)}; default tcp (GRAFT_TRANSPORT)")
     node.add_argument("--data-dir", help="where the log and snapshots are kept; default: memory (GRAFT_DATA_DIR)")

@@ -21,6 +21,7 @@ from graft_trio.clock import Clock, WallClock
 from graft_trio.events import DEFAULT_CAPACITY, EventHub, Subscription, run_handler
 from graft_trio.http_api import serve_http
 from graft_trio.raft.errors import NodeStoppedError, RaftError
+from graft_trio.raft.messages import Membership
 from graft_trio.raft.node import RaftConfig, RaftNode
 from graft_trio.raft.storage import Storage, open_storage
 from graft_trio.state import commands as c
@@ -118,11 +119,48 @@ class _StateMachine(WorkflowStateMachine):
         self._manager._on_restored()
 
 
+class _ClusterEvents:
+    """The Raft member's `ClusterListener`: turns the memberships it applies into `MemberJoined` (a new
+    member, or one whose address or vote changed) and `MemberLeft`, and the leaders it learns of into
+    `LeaderChanged`, at the index they were applied at. Called on the Raft member's loop, like the apply."""
+
+    def __init__(self, manager: Manager) -> None:
+        self._manager = manager
+        self._members: dict[str, tuple[str, bool]] = {}
+        self._leader: str | None = None
+
+    def membership_applied(self, index: int, membership: Membership) -> None:
+        current = {m.node_id: (m.address, m.voter) for m in membership.members}
+        events: list[Event] = [
+            MemberJoined(index, member_id, address, voter)
+            for member_id, (address, voter) in current.items()
+            if self._members.get(member_id) != (address, voter)
+        ]
+        events.extend(MemberLeft(index, member_id) for member_id in self._members if member_id not in current)
+        self._members = current
+        if events:
+            self._publish(events)
+
+    def leader_changed(self, term: int, leader_id: str | None) -> None:
+        previous, self._leader = self._leader, leader_id
+        self._manager.engine.leadership_changed()
+        self._publish([LeaderChanged(self._manager.raft.applied_index, term, leader_id, previous)])
+
+    def _publish(self, events: list[Event]) -> None:
+        try:
+            self._manager.hub.publish(events)
+        except Exception:  # Raft's loop must go on; a bug here is logged, not raised into Raft
+            logger.exception("member %s: event dispatch failed", self._manager.node_id)
+
+
 class Manager:
     """One member of a cluster: runs Raft, the workflow engine and event dispatch.
 
     `data_dir=None` keeps the log in memory; `peers` (id -> address) are the other founding members, none
-    for a one-member cluster. `transport` is a name (``"tcp"``, ``"websocket"``, ``"memory"``) or a
+    for a one-member cluster. With `join=True`, `peers` are members of a running cluster instead: this
+    member holds no election and asks them (through whichever leads) to add it, as a learner and then a
+    voter once caught up; it stops asking once it is a voter, and a restart on the same storage does not
+    ask again. `transport` is a name (``"tcp"``, ``"websocket"``, ``"memory"``) or a
     `Transport`; `cluster_secret` and `tls` go to a network transport named here (a `Transport` instance
     is used as given, and the in-process memory transport needs neither). `max_concurrent_steps` caps the
     attempts this member runs at once; `claim_lease` (at most 10 s) is how long a claim outlives a member
@@ -141,6 +179,7 @@ class Manager:
         *,
         transport: str | Transport = "tcp",
         peers: dict[str, str] | None = None,
+        join: bool = False,
         cluster_secret: str | bytes | None = None,
         tls: TlsConfig | None = None,
         max_concurrent_steps: int = 16,
@@ -171,6 +210,7 @@ class Manager:
         self.http_port = http_port  # None: no HTTP API; 0: any free port (`http_bound_port` tells which)
         self.http_host = http_host
         self.http_bound_port: int | None = None
+        self.join = join
         self.clock = clock or WallClock()
         self.rng = rng if rng is not None else random.Random()
         options = dict(transport_options or {})
@@ -190,10 +230,12 @@ class Manager:
             storage=storage if storage is not None else open_storage(data_dir),
             transport=transport,
             config=raft_config,
+            join=join,
             clock=self.clock,
             rng=random.Random(self.rng.getrandbits(64)),
             transport_options=options,
         )
+        self.raft.cluster_listener = _ClusterEvents(self)
         engine_rng = random.Random(self.rng.getrandbits(64))
         self.proposer = Proposer(self.raft, self.clock, engine_rng)
         self.engine = Engine(
@@ -268,7 +310,8 @@ class Manager:
                 if self.http_port is not None:
                     self.http_bound_port = await nursery.start(serve_http, self, self.http_host, self.http_port)
                 nursery.start_soon(self._dispatch_broadcasts, broadcasts)
-                nursery.start_soon(self._watch_raft)
+                if self.join:
+                    nursery.start_soon(self._join_cluster)
                 for subscription, handler, description in self._pending_handlers:
                     nursery.start_soon(self._run_handler, subscription, handler, description)
                 self._pending_handlers.clear()
@@ -509,32 +552,30 @@ class Manager:
             applied_lag=max(status.commit_index - status.applied_index, 0),
         )
 
-    async def _watch_raft(self) -> None:
-        """Turn changes of the Raft member's leader and membership into events.
+    async def add_member(
+        self, node_id: str, address: str, *, voter: bool = True, timeout: float | None = None
+    ) -> None:
+        """Add a member to the cluster: called on any member, made by the leader (a follower forwards the
+        request). The new member is a learner until it has caught up, then a voter (if `voter`); returns
+        once that change is committed. Start the new member with ``join=True`` (it then asks by itself; this
+        call is for adding a member by hand). Raises `graft_trio.raft.MembershipChangeError` if refused
+        (`node_id` is a member at another address), `ProposalTimeout` (or `NoQuorumError` if no leader was
+        known) after `timeout` seconds (default `request_timeout`); never hangs past it."""
+        self._check_serving()
+        timeout = self.request_timeout if timeout is None else timeout
+        await self.raft.request_add_member(node_id, address, voter=voter, timeout=timeout)
 
-        RaftNode has no public change notification, so this looks at its status every two heartbeats.
-        """
-        interval = self.raft.config.tick_interval * self.raft.config.heartbeat_ticks
-        leader: str | None = None
-        members: dict[str, tuple[str, bool]] = {}
-        while True:
-            status = self.raft.status()
-            events: list[Event] = []
-            if status.leader_id != leader:
-                events.append(LeaderChanged(status.applied_index, status.term, status.leader_id, leader))
-                leader = status.leader_id
-                self.engine.leadership_changed()
-            current = {m.node_id: (m.address, m.voter) for m in status.members}
-            for member_id, (address, voter) in current.items():
-                if members.get(member_id) != (address, voter):
-                    events.append(MemberJoined(status.applied_index, member_id, address, voter))
-            for member_id in members:
-                if member_id not in current:
-                    events.append(MemberLeft(status.applied_index, member_id))
-            members = current
-            if events:
-                self.hub.publish(events)
-            await self.clock.sleep(interval)
+    async def remove_member(self, node_id: str, *, timeout: float | None = None) -> None:
+        """Remove a member (the leader too: it hands over by stepping down once its removal commits), on
+        any member; errors as `add_member`. The removed member's claims are taken over after their lease."""
+        self._check_serving()
+        timeout = self.request_timeout if timeout is None else timeout
+        await self.raft.request_remove_member(node_id, timeout=timeout)
+
+    async def _join_cluster(self) -> None:
+        with contextlib.suppress(NodeStoppedError):
+            await self.raft.join_cluster()
+            logger.info("member %s: a voter of the cluster", self.node_id)
 
 
 # --- views ------------------------------------------------------------------------------------------------

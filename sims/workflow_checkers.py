@@ -47,7 +47,7 @@ from sims.checkers import Violation
 LEASE_LOSS_MARK = "lost its claim"  # in `last_error` when the engine's crash-loop guard failed the step
 TERMINAL_EVENTS = (WorkflowCompleted, WorkflowFailed, WorkflowCancelled)
 STATUS_EVENTS = (*TERMINAL_EVENTS, WorkflowPaused, WorkflowResumed)
-NOT_FROM_THE_LOG = (LeaderChanged, MemberJoined, MemberLeft)  # the Manager's own, from Raft's status
+NOT_FROM_THE_LOG = (LeaderChanged, MemberJoined, MemberLeft)  # the Manager's own, from Raft, not the workflow state
 
 
 @attrs.frozen

@@ -24,6 +24,9 @@ from graft_trio.raft.messages import (
     InstallSnapshotResponse,
     Member,
     Membership,
+    MembershipOutcome,
+    MembershipRequest,
+    MembershipResponse,
     Message,
     ReadIndexRequest,
     ReadIndexResponse,
@@ -125,6 +128,29 @@ MESSAGE_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     ReadIndexRequest: st.builds(ReadIndexRequest, source=node_ids, target=node_ids, term=terms, context=u64),
     ReadIndexResponse: st.builds(
         ReadIndexResponse, source=node_ids, target=node_ids, term=terms, context=u64, index=indexes
+    ),
+    MembershipRequest: st.builds(
+        MembershipRequest,
+        source=node_ids,
+        target=node_ids,
+        term=terms,
+        request_id=request_ids,
+        origin=node_ids,
+        origin_address=addresses,
+        node_id=node_ids,
+        address=addresses,
+        voter=st.booleans(),
+        remove=st.booleans(),
+    ),
+    MembershipResponse: st.builds(
+        MembershipResponse,
+        source=node_ids,
+        target=node_ids,
+        term=terms,
+        request_id=request_ids,
+        outcome=st.sampled_from(MembershipOutcome),
+        leader_id=st.just("") | node_ids,
+        reason=st.text(max_size=40),
     ),
 }
 messages: st.SearchStrategy[Message] = st.one_of(*MESSAGE_STRATEGIES.values())

@@ -5,10 +5,29 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import trio
+import trio.testing
 
-from graft_trio.raft import Member, Membership, MembershipChangeError, NotLeaderError, Role
-from graft_trio.raft.messages import AppendEntries, AppendEntriesResponse, RequestVote, TimeoutNow
-from tests.raft_cluster import CoreCluster, membership_of, role
+from graft_trio.raft import (
+    Member,
+    Membership,
+    MembershipChangeError,
+    NoQuorumError,
+    NotLeaderError,
+    ProposalTimeout,
+    RaftNode,
+    Role,
+)
+from graft_trio.raft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    MembershipRequest,
+    Message,
+    RequestVote,
+    TimeoutNow,
+)
+from tests.kv import put
+from tests.raft_cluster import CoreCluster, NodeCluster, membership_of, open_node_cluster, role
 
 ABC = ["a", "b", "c"]
 
@@ -292,3 +311,96 @@ def test_cluster_keeps_working_through_a_sequence_of_changes() -> None:
 def test_membership_of_is_sorted_and_compares_equal() -> None:
     assert membership_of(["b", "a"]) == membership_of(["a", "b"])
     assert membership_of(["a"], ["b"]).learners == ("b",)
+
+
+# --- changes asked for on any member (RaftNode), and joining -------------------------------------------------
+
+
+def voters(node: RaftNode) -> dict[str, bool]:
+    return {m.node_id: m.voter for m in node.status().members}
+
+
+def recorder(into: list[Message], wanted: Callable[[Message], bool]) -> Callable[[Message], bool]:
+    """A `ControlledNetwork.hold` that holds nothing back and records the messages `wanted` accepts."""
+
+    def hold(message: Message) -> bool:
+        if wanted(message):
+            into.append(message)
+        return False
+
+    return hold
+
+
+async def test_a_joining_member_asks_a_follower_which_forwards_to_the_leader(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_node_cluster(ABC) as cluster:
+        leader = await cluster.leader()
+        await leader.propose(put("k", "v"))
+        follower = next(n for n in ABC if n != leader.node_id)
+        requests: list[Message] = []
+        cluster.network.hold = recorder(requests, lambda m: isinstance(m, MembershipRequest))
+        joiner = await cluster.start("d", [follower], join=True)  # knows only a follower
+        with trio.fail_after(60):
+            await joiner.join_cluster()
+        assert voters(leader) == {"a": True, "b": True, "c": True, "d": True}
+        assert [(r.source, r.target, r.origin) for r in requests if isinstance(r, MembershipRequest)] == [
+            ("d", follower, "d"),
+            (follower, leader.node_id, "d"),
+        ]
+        assert await joiner.read(b"k") == b"v"
+        await joiner.join_cluster()  # a member already: returns at once, asking nobody
+        assert len(requests) == 2
+
+
+async def test_request_add_and_remove_member_work_on_a_follower(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_node_cluster(ABC) as cluster:
+        leader = await cluster.leader()
+        follower = cluster.nodes[next(n for n in ABC if n != leader.node_id)]
+        await cluster.start("d", (), join=True)
+        await follower.request_add_member("d", cluster.address("d"), voter=False)
+        assert voters(leader)["d"] is False
+        await follower.request_add_member("d", cluster.address("d"))  # promoted
+        assert voters(leader)["d"] is True
+        with pytest.raises(MembershipChangeError, match="a member already"):
+            await follower.request_add_member("d", "mem://elsewhere")
+        await follower.request_remove_member(leader.node_id)  # the leader itself
+        assert "d" in voters(follower) and leader.node_id not in voters(follower)
+        survivors = [n for n in [*ABC, "d"] if n != leader.node_id]
+        new_leader = await cluster.leader(survivors)
+        assert new_leader.node_id != leader.node_id
+
+
+async def test_a_change_asked_for_without_a_quorum_fails_within_its_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_node_cluster(ABC) as cluster:
+        leader = await cluster.leader()
+        others = [n for n in ABC if n != leader.node_id]
+        await cluster.stop(leader.node_id)
+        await cluster.stop(others[0])
+        lonely = cluster.nodes[others[1]]
+        started = trio.current_time()
+        with pytest.raises((NoQuorumError, ProposalTimeout)):
+            await lonely.request_remove_member(others[0], timeout=3.0)
+        assert trio.current_time() - started <= 3.0 + 1e-6
+
+
+async def test_a_request_meant_for_another_member_is_ignored(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = NodeCluster(nursery)
+        for node_id in ABC:
+            await cluster.start(node_id, ABC)
+        leader = await cluster.leader()
+        stray = await cluster.start("x", (), join=True)
+        sent: list[Message] = []
+        cluster.network.hold = recorder(sent, lambda m: m.source == "x")
+        # The stray believes "zz" listens at the leader's address: the leader drops what is not for it.
+        stray.peers["zz"] = cluster.address(leader.node_id)
+        with trio.move_on_after(30):
+            await stray.join_cluster()
+        assert sent and all(m.target == "zz" for m in sent)
+        await leader.propose(put("k", "v"))
+        assert "x" not in voters(leader) and stray.status().members == ()
+        nursery.cancel_scope.cancel()
+

@@ -18,6 +18,7 @@ from graft_trio.raft import (
     NodeStoppedError,
     NoQuorumError,
     NotLeaderError,
+    PersistentState,
     ProposalTimeout,
     RaftError,
     RaftNode,
@@ -898,3 +899,21 @@ async def test_proposals_beyond_max_pending_wait_for_room_and_then_complete(
             cluster.network.release(lambda m: True)
         assert results == [b"v"] * 5
         assert sorted(in_log()) == sorted(commands)
+
+
+async def test_a_member_cancelled_while_it_starts_leaves_trio_intact(autojump_clock: trio.testing.MockClock) -> None:
+    """`async with node` cancelled before the member serves closes what it opened: trio's cancel-scope stack
+    stays sound (it used to be left corrupted, which trio reports as a RuntimeError when the scope exits)."""
+
+    class StuckStorage(MemoryStorage):
+        async def load(self) -> PersistentState:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    transport = MemoryTransport(MemoryNetwork())
+    node = RaftNode("a", "mem-a", {}, state_machine=KeyValue(), storage=StuckStorage(), transport=transport)
+    with trio.move_on_after(1) as scope:
+        async with node:
+            raise AssertionError("the member never serves")
+    assert scope.cancelled_caught
+    await trio.sleep(1)  # trio still schedules normally

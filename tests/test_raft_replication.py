@@ -139,6 +139,18 @@ def test_follower_forwards_a_proposal_to_the_leader() -> None:
     assert all(c.applied[n] == [b"from-b"] for n in ABC)
 
 
+def test_a_proposal_forwarded_by_a_non_member_is_dropped_by_leader_and_followers() -> None:
+    c = CoreCluster(ABC)
+    a = c.elect("a")
+    last = a.log.last_index
+    term = a.term
+    a.step(ForwardProposal("removed", "a", term, b"from-outside", "rid-x"))
+    c["b"].step(ForwardProposal("removed", "b", term, b"from-outside", "rid-y"))
+    c.deliver()
+    assert a.log.last_index == last  # a member removed but still running writes nothing to the log
+    assert not c.queued(ForwardProposal)
+
+
 def test_propose_without_a_known_leader_raises_not_leader() -> None:
     c = CoreCluster(ABC)
     with pytest.raises(NotLeaderError) as info:

@@ -13,11 +13,12 @@ from graft_trio.raft.errors import (
     RaftError,
 )
 from graft_trio.raft.messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, SnapshotMeta
-from graft_trio.raft.node import RaftConfig, RaftNode, RaftObserver, RaftStatus
+from graft_trio.raft.node import ClusterListener, RaftConfig, RaftNode, RaftObserver, RaftStatus
 from graft_trio.raft.statemachine import StateMachine
 from graft_trio.raft.storage import CorruptStorageError, MemoryStorage, PersistentState, Storage, open_storage
 
 __all__ = [
+    "ClusterListener",
     "CoreConfig",
     "CorruptStorageError",
     "Entry",

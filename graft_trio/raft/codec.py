@@ -41,6 +41,9 @@ from graft_trio.raft.messages import (
     InstallSnapshotResponse,
     Member,
     Membership,
+    MembershipOutcome,
+    MembershipRequest,
+    MembershipResponse,
     Message,
     ReadIndexRequest,
     ReadIndexResponse,
@@ -71,8 +74,7 @@ def encode_batch(hard_state: HardState | None, entries: Sequence[Entry]) -> byte
     parts: list[bytes] = [_BATCH.pack(FORMAT_VERSION, _HAS_HARD_STATE if hard_state is not None else 0, len(entries))]
     if hard_state is not None:
         _encode_hard_state(parts, hard_state)
-    for entry in entries:
-        _encode_entry(parts, entry)
+    parts.append(_ENTRY_RUNS.encode(entries))
     return b"".join(parts)
 
 
@@ -133,6 +135,33 @@ def _encode_entry(parts: list[bytes], entry: Entry) -> None:
     _encode_bytes(parts, entry.request_id.encode())
     if entry.membership is not None:
         _encode_membership(parts, entry.membership)
+
+
+class _EntryRunCache:
+    """The encoding of the last run of entries encoded, reused when the same run is encoded again.
+
+    A leader sends its new entries to every follower and writes the same ones to its log: one encoding
+    serves all of them. The same run means the same `Entry` objects (immutable, and kept alive here, so
+    identity cannot be reused), compared one by one. One slot, replaced whole: the log writes encode in
+    a worker thread, which must never see half an update.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[Entry, ...], bytes] = ((), b"")
+
+    def encode(self, entries: Sequence[Entry]) -> bytes:
+        cached, encoded = self._last
+        if len(cached) == len(entries) and all(map(operator.is_, cached, entries)):
+            return encoded
+        parts: list[bytes] = []
+        for entry in entries:
+            _encode_entry(parts, entry)
+        encoded = b"".join(parts)
+        self._last = (tuple(entries), encoded)
+        return encoded
+
+
+_ENTRY_RUNS = _EntryRunCache()
 
 
 def _decode_entry(reader: _Reader) -> Entry:
@@ -238,8 +267,7 @@ class _MessageLayout:
 
 def _encode_append_entries_tail(parts: list[bytes], message: AppendEntries) -> None:
     parts.append(_U32.pack(len(message.entries)))
-    for entry in message.entries:
-        _encode_entry(parts, entry)
+    parts.append(_ENTRY_RUNS.encode(message.entries))
 
 
 def _decode_append_entries_tail(reader: _Reader) -> dict[str, Any]:
@@ -267,6 +295,31 @@ def _decode_forward_proposal_tail(reader: _Reader) -> dict[str, Any]:
     (length,) = reader.unpack(_U32)
     data = reader.take(length)
     return {"data": data, "request_id": reader.string()}
+
+
+def _encode_membership_request_tail(parts: list[bytes], message: MembershipRequest) -> None:
+    for text in (message.request_id, message.origin, message.origin_address, message.node_id, message.address):
+        _encode_bytes(parts, text.encode())
+
+
+def _decode_membership_request_tail(reader: _Reader) -> dict[str, Any]:
+    names = ("request_id", "origin", "origin_address", "node_id", "address")
+    return {name: reader.string() for name in names}
+
+
+def _encode_membership_response_tail(parts: list[bytes], message: MembershipResponse) -> None:
+    parts.append(_U8.pack(message.outcome))
+    for text in (message.request_id, message.leader_id, message.reason):
+        _encode_bytes(parts, text.encode())
+
+
+def _decode_membership_response_tail(reader: _Reader) -> dict[str, Any]:
+    (code,) = reader.unpack(_U8)
+    try:
+        outcome = MembershipOutcome(code)
+    except ValueError:
+        raise CodecError(f"unknown membership outcome {code}") from None
+    return {"outcome": outcome, "request_id": reader.string(), "leader_id": reader.string(), "reason": reader.string()}
 
 
 # Tags are part of the wire format: never renumber one, only add new ones.
@@ -329,6 +382,23 @@ _MESSAGE_LAYOUTS: tuple[_MessageLayout, ...] = (
     ),
     _MessageLayout(11, ReadIndexRequest, ("term", "context"), struct.Struct("<QQ")),
     _MessageLayout(12, ReadIndexResponse, ("term", "context", "index"), struct.Struct("<QQQ")),
+    _MessageLayout(
+        13,
+        MembershipRequest,
+        ("term", "voter", "remove"),
+        struct.Struct("<QBB"),
+        frozenset({"voter", "remove"}),
+        encode_tail=_encode_membership_request_tail,
+        decode_tail=_decode_membership_request_tail,
+    ),
+    _MessageLayout(
+        14,
+        MembershipResponse,
+        ("term",),
+        struct.Struct("<Q"),
+        encode_tail=_encode_membership_response_tail,
+        decode_tail=_decode_membership_response_tail,
+    ),
 )
 _LAYOUT_BY_TYPE: dict[type[Any], _MessageLayout] = {layout.message_type: layout for layout in _MESSAGE_LAYOUTS}
 _LAYOUT_BY_TAG: dict[int, _MessageLayout] = {layout.tag: layout for layout in _MESSAGE_LAYOUTS}

@@ -763,7 +763,7 @@ class RaftCore:
         elif isinstance(message, TimeoutNow):
             if self.is_voter():
                 self._campaign(pre_vote=False, transfer=True)
-        elif isinstance(message, ForwardProposal):
+        elif isinstance(message, ForwardProposal) and self.membership.get(message.source) is not None:
             if self.leader_id is not None and self.leader_id != self.id:
                 self._send(attrs.evolve(message, source=self.id, target=self.leader_id, term=self.term))
         elif isinstance(message, ReadIndexResponse) and message.index > 0:
@@ -851,7 +851,9 @@ class RaftCore:
                 self._ack_reads(message.source, message.read_context)
         elif isinstance(message, InstallSnapshotResponse):
             self._handle_snapshot_response(message)
-        elif isinstance(message, ForwardProposal):
+        elif isinstance(message, ForwardProposal) and self.membership.get(message.source) is not None:
+            # Only from members: a member removed from the cluster but still running (its engine claiming
+            # steps, say) must not keep writing to the log.
             if self.transfer_target is None:
                 data = self._stamp(message.data)
                 self._append_new(Entry(self.term, self.log.last_index + 1, EntryKind.NORMAL, data, message.request_id))

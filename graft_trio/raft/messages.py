@@ -218,6 +218,44 @@ class ReadIndexResponse:
     index: int  # 0: refused (the target is not a leader that can serve reads)
 
 
+class MembershipOutcome(enum.IntEnum):
+    """How the leader answered a `MembershipRequest`."""
+
+    DONE = 0
+    NOT_LEADER = 1  # ask the leader named in the response (if any) instead
+    REFUSED = 2  # the change cannot be made (e.g. the id is a member at another address): do not retry
+    TIMEOUT = 3  # the leader did not finish in time (a learner still catching up): ask again
+
+
+@attrs.frozen(slots=True)
+class MembershipRequest:
+    """Add or remove a member: made on any member, or by a member asking to join, and forwarded (once) to
+    the leader, which makes the change and answers `origin` at `origin_address`. Handled by the driver
+    (`RaftNode`), never by the core: the change itself is the leader's `add_member` / `remove_member`."""
+
+    source: str
+    target: str
+    term: int
+    request_id: str
+    origin: str
+    origin_address: str
+    node_id: str
+    address: str  # of the member to add; empty for a removal
+    voter: bool = True
+    remove: bool = False
+
+
+@attrs.frozen(slots=True)
+class MembershipResponse:
+    source: str
+    target: str
+    term: int
+    request_id: str
+    outcome: MembershipOutcome
+    leader_id: str = ""  # with NOT_LEADER: the leader the responder knows, if any
+    reason: str = ""
+
+
 Message = (
     RequestVote
     | RequestVoteResponse
@@ -231,6 +269,8 @@ Message = (
     | ForwardProposal
     | ReadIndexRequest
     | ReadIndexResponse
+    | MembershipRequest
+    | MembershipResponse
 )
 
 MESSAGE_TYPES: tuple[type, ...] = (
@@ -246,4 +286,6 @@ MESSAGE_TYPES: tuple[type, ...] = (
     ForwardProposal,
     ReadIndexRequest,
     ReadIndexResponse,
+    MembershipRequest,
+    MembershipResponse,
 )
