@@ -99,8 +99,9 @@ class RaftLog:
         if not entries:
             return
         first = entries[0].index
-        assert self.offset < first <= self.last_index + 1, (first, self.offset, self.last_index)
-        if first <= self.last_index:
+        last_index = self.offset + len(self.entries)
+        assert self.offset < first <= last_index + 1, (first, self.offset, last_index)
+        if first <= last_index:
             assert first > self.committed, f"truncating committed entry {first} (commit {self.committed})"
             del self.entries[first - self.offset - 1 :]
             self.stable_index = min(self.stable_index, first - 1)

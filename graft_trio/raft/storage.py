@@ -3,7 +3,8 @@
 The core keeps its (compacted) log in memory and only writes through `Storage`; it reads storage once,
 at start-up, with `load`. Every write is a batch: `save` writes a hard state and/or entries and, unless
 the caller asked for a non-durable write, returns only once the batch is durable. The driver sends no
-message that depends on a batch before `save` returns.
+message that depends on a batch before `save` returns, except with ``RaftConfig(durable=False)``: then a
+background task makes the (non-durable) saves behind the commit path, in order.
 """
 
 from __future__ import annotations
