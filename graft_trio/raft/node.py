@@ -76,8 +76,8 @@ class RaftConfig:
     snapshot_chunk_bytes: int = 512 * 1024
     snapshot_threshold: int = 8192  # take a snapshot once this many entries were applied since the last
     snapshot_trailing: int = 1024  # entries kept behind a snapshot for followers that lag a little
-    # False: writes are not fsynced but made behind the commit path. A crash (a kill -9 too) loses what was
-    # not written yet, the latest vote included: the member may vote twice in a term after it restarts.
+    # False: nothing is fsynced, and entries are written behind the commit path: a crash (a kill -9 too)
+    # loses those not written yet, acknowledged ones included. A new term or vote is written before it is sent.
     durable: bool = True
     default_timeout: float = 5.0
     catch_up_margin: int = 16  # a learner within this many entries of the leader is promoted
@@ -417,6 +417,7 @@ class RaftNode:
         self._stored_term_vote: tuple[int, str | None] = (0, None)
         self._unstored_hard_state: HardState | None = None  # a commit-only change not yet written
         # durable=False: writes handed to the background writer (`_writer_loop`), oldest first.
+        self._writing = False  # the writer is in a save
         self._unwritten: list[_Batch | _SnapshotWrite] = []
         self._unwritten_entries = 0
         self._unwritten_added = trio.Event()  # set (and replaced) when `_unwritten` gains a write
@@ -651,6 +652,12 @@ class RaftNode:
                 await self.storage.save(hard_state, ready.entries, sync=True)
             else:
                 await self._hand_to_writer(hard_state, ready.entries)
+                if term_vote != self._stored_term_vote:
+                    # A new term or vote is written (not fsynced) before the messages that carry it go
+                    # out: a member killed (kill -9) just after voting must not come back and vote again
+                    # in the same term, which could elect two leaders. Terms and votes change once per
+                    # election, so this costs nothing under load.
+                    await self._wait_for_writer()
             self._stored_term_vote, self._unstored_hard_state = term_vote, None
         else:
             self._unstored_hard_state = hard_state
@@ -757,7 +764,19 @@ class RaftNode:
                 self._unwritten_added = trio.Event()
             await self._write_unwritten()
 
+    async def _wait_for_writer(self) -> None:
+        """Return once everything handed to the writer so far is written."""
+        while self._unwritten or self._writing:
+            await self._written.wait()
+
     async def _write_unwritten(self) -> None:
+        self._writing = True
+        try:
+            await self._write_queued()
+        finally:
+            self._writing = False
+
+    async def _write_queued(self) -> None:
         while self._unwritten:
             writes, self._unwritten = self._unwritten, []
             self._unwritten_entries = 0
