@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import trio
 
+from graft_trio._service import start_service
 from graft_trio.clock import Clock, WallClock
 from graft_trio.events import DEFAULT_CAPACITY, EventHub, Subscription, run_handler
 from graft_trio.http_api import serve_http
@@ -259,15 +260,7 @@ class Manager:
     # --- lifecycle ------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Manager:
-        stack = contextlib.AsyncExitStack()
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        try:
-            await nursery.start(self.run)
-        except BaseException:
-            await stack.aclose()
-            raise
-        self._exit_stack = stack
-        self._outer_scope = nursery.cancel_scope
+        self._exit_stack, self._outer_scope = await start_service(self.run)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from graft_trio._service import start_service
 from graft_trio.clock import Clock, TrioClock
 from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role
 from graft_trio.raft.errors import (
@@ -427,17 +428,7 @@ class RaftNode:
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> RaftNode:
-        stack = contextlib.AsyncExitStack()
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        try:
-            await nursery.start(self.run)
-        except BaseException:
-            # A start that fails or is cancelled must close the nursery it opened: left open, trio's
-            # cancel-scope stack is corrupted ("Cancel scope stack corrupted") for the rest of the run.
-            await stack.aclose()
-            raise
-        self._exit_stack = stack
-        self._outer_scope = nursery.cancel_scope
+        self._exit_stack, self._outer_scope = await start_service(self.run)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
