@@ -135,6 +135,8 @@ class ControlledMember:
                 "running": mgr.engine.stats().running,
             }
         if op == "tally":
+            if "completed" in request:  # wait (a few s at most) for the events still on their way
+                await self.tally.settle(int(request["completed"]), int(request["steps"]))
             return self.tally.counts()
         if op == "wait_steps":
             await self.tally.wait_for_steps(int(request["count"]))
@@ -392,9 +394,10 @@ async def run_batch(members: Sequence[MemberProcess], count: int, seed: int, beg
 
     with trio.fail_after(60):
         views = {member.member_id: await member.call("wait_workflows", doc_ids=ids, timeout=50) for member in survivors}
-        tally = await control.call("tally")
+        results = views[control.member_id]["results"]
+        recorded_steps = sum(r["steps"] for r in results)
+        tally = await control.call("tally", completed=len(ids), steps=recorded_steps)
     elapsed = time.perf_counter() - began
-    results = views[control.member_id]["results"]
     completed = [r for r in results if r["status"] == "completed"]
     for result in results:
         if result["status"] != "completed":
@@ -406,7 +409,6 @@ async def run_batch(members: Sequence[MemberProcess], count: int, seed: int, beg
     outcomes: dict[str, int] = {}
     for result in completed:
         outcomes[str(result["outcome"])] = outcomes.get(str(result["outcome"]), 0) + 1
-    recorded_steps = sum(r["steps"] for r in results)
     print("summary:")
     print(
         f"  {len(completed)}/{count} workflows completed ({', '.join(f'{k} {v}' for k, v in sorted(outcomes.items()))})"

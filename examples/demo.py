@@ -40,6 +40,7 @@ from document_pipeline import (
     EVENT_TYPES,
     Tally,
     document_ids,
+    recorded_steps,
     register_pipeline,
     summarize,
     trigger_for,
@@ -244,11 +245,12 @@ async def main(count: int, seed: int) -> int:
             results = await wait_for_all(observer.manager, ids, timeout=60)
             elapsed = time.perf_counter() - began
             tally = observer.tally
+            await tally.settle(count, recorded_steps(results))
             nursery.cancel_scope.cancel()
 
     print("summary:")
     status = summarize(results, elapsed)
-    recorded = sum(1 for w in results for s in w.executed_steps if s.status is graft.StepStatus.COMPLETED)
+    recorded = recorded_steps(results)
     agree = tally.steps == recorded and tally.completed == count and tally.dropped == 0
     print(
         f"  events seen by {observer.member_id}: {tally.completed} workflows completed, {tally.steps} steps "

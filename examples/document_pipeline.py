@@ -413,6 +413,14 @@ class Tally:
         while self.steps < count:
             await self._changed.wait()
 
+    async def settle(self, completed: int, steps: int, timeout: float = 5.0) -> None:
+        """Wait (at most `timeout` s) until `completed` workflows and `steps` steps were counted: a member's
+        subscription hands over the events of an entry a moment after its apply, so a read that shows every
+        workflow done can come before the last events are counted."""
+        with trio.move_on_after(timeout):
+            while self.completed < completed or self.steps < steps:
+                await self._changed.wait()
+
     async def wait_for_step_after(self, index: int) -> float:
         """The `time.perf_counter()` at which this member applied the first step committed at a log index
         past `index`, once it has."""
@@ -450,10 +458,15 @@ async def main(count: int, seed: int) -> int:
     return summarize(results, time.perf_counter() - started)
 
 
+def recorded_steps(results: Sequence[graft.WorkflowState]) -> int:
+    """The steps the workflows' records show completed."""
+    return sum(1 for w in results for s in w.executed_steps if s.status is graft.StepStatus.COMPLETED)
+
+
 def summarize(results: Sequence[graft.WorkflowState], elapsed: float) -> int:
     """Print the batch summary; 0 if every workflow completed, else 1."""
     completed = [w for w in results if w.status is graft.WorkflowStatus.COMPLETED]
-    steps = sum(1 for w in results for s in w.executed_steps if s.status is graft.StepStatus.COMPLETED)
+    steps = recorded_steps(results)
     retried = sum(1 for w in results for s in w.executed_steps if s.status is graft.StepStatus.FAILED)
     outcomes: dict[str, int] = {}
     for workflow in completed:
