@@ -36,20 +36,27 @@ class GatedStorage(MemoryStorage):
             self.saves.append(len(entries))
 
 
+async def gated_cluster(nursery: trio.Nursery, *, durable: bool) -> tuple[NodeCluster, RaftNode, trio.Event]:
+    """Three members on GatedStorage, with a leader and converged; then every save of entries waits for the
+    returned gate."""
+    cluster = NodeCluster(nursery, config=node_config(durable=durable))
+    storages = {node_id: GatedStorage() for node_id in ABC}
+    cluster.storages.update(storages)
+    await cluster.start_all(ABC)
+    leader = await cluster.leader()
+    await cluster.converged()
+    gate = trio.Event()
+    for storage in storages.values():
+        storage.gate = gate
+    return cluster, leader, gate
+
+
 async def test_a_non_durable_cluster_commits_while_every_disk_write_waits(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """durable=False: nothing on the commit path waits for the disk; the writes happen behind it."""
     async with trio.open_nursery() as nursery:
-        cluster = NodeCluster(nursery, config=node_config(durable=False))
-        storages = {node_id: GatedStorage() for node_id in ABC}
-        cluster.storages.update(storages)
-        await cluster.start_all(ABC)
-        leader = await cluster.leader()
-        await cluster.converged()
-        gate = trio.Event()
-        for storage in storages.values():
-            storage.gate = gate
+        cluster, leader, gate = await gated_cluster(nursery, durable=False)
         with trio.fail_after(1):
             assert await leader.propose(put("k", "v")) == b"v"
         await cluster.converged()
@@ -63,15 +70,7 @@ async def test_a_durable_cluster_commits_only_once_a_quorum_has_written(
 ) -> None:
     """durable=True: no member acknowledges an entry (nor the leader counts its own) before its save returns."""
     async with trio.open_nursery() as nursery:
-        cluster = NodeCluster(nursery, config=node_config(durable=True))
-        storages = {node_id: GatedStorage() for node_id in ABC}
-        cluster.storages.update(storages)
-        await cluster.start_all(ABC)
-        leader = await cluster.leader()
-        await cluster.converged()
-        gate = trio.Event()
-        for storage in storages.values():
-            storage.gate = gate
+        cluster, leader, gate = await gated_cluster(nursery, durable=True)
         results: list[bytes] = []
 
         async def propose() -> None:
