@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,17 @@ from typing import Any, TextIO
 
 import attrs
 import trio
-from document_pipeline import EVENT_TYPES, Tally, describe, document_ids, register_pipeline, trigger_for, wait_for_all
+from document_pipeline import (
+    EVENT_TYPES,
+    Tally,
+    describe,
+    document_ids,
+    free_ports,
+    ms,
+    register_pipeline,
+    trigger_for,
+    wait_for_all,
+)
 
 import graft_trio as graft
 
@@ -283,18 +292,6 @@ class MemberProcess:
         await self.process.wait()
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (held open together, so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 async def leading_member(members: Sequence[MemberProcess]) -> MemberProcess:
     """The member whose own status says it leads (asked every 10 ms while an election runs)."""
     while True:
@@ -302,10 +299,6 @@ async def leading_member(members: Sequence[MemberProcess]) -> MemberProcess:
             if not member.killed and (await member.call("status"))["role"] == "leader":
                 return member
         await trio.sleep(0.01)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms"
 
 
 async def orchestrate(count: int, seed: int) -> int:

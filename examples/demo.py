@@ -27,7 +27,6 @@ tally of workflows, steps, retries and which member ran each step. The demo
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import time
@@ -40,6 +39,8 @@ from document_pipeline import (
     EVENT_TYPES,
     Tally,
     document_ids,
+    free_ports,
+    ms,
     recorded_steps,
     register_pipeline,
     summarize,
@@ -87,18 +88,6 @@ class Member:
     async def kill(self) -> None:
         self.scope.cancel()
         await self.stopped.wait()
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (held open together, so they are distinct)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def build_cluster(data_root: Path) -> list[Member]:
@@ -168,10 +157,6 @@ async def leading_member(members: Sequence[Member]) -> Member:
             if member.alive and member.manager.cluster_info().role == "leader":
                 return member
         await trio.sleep(0.005)
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms"
 
 
 def spread(counts: dict[str, int]) -> str:

@@ -22,7 +22,8 @@ Each document runs through typed nodes (attrs state and configs)::
   id, so a run is reproducible on any member, in any process, whoever runs which step.
 
 `register_pipeline(mgr)` registers the nodes on a Manager and `trigger_for(doc_id, ...)` builds a trigger;
-examples/demo.py and examples/cluster.py reuse both. As a program it runs a batch on a one-member Manager
+examples/demo.py and examples/cluster.py reuse both, and the helpers at the end (`Tally`, `wait_for_all`,
+`free_ports`, `ms`). As a program it runs a batch on a one-member Manager
 (memory transport, log in memory) and prints one line per workflow and a summary; it exits 1 if a workflow
 did not complete.
 """
@@ -33,6 +34,7 @@ import argparse
 import bisect
 import hashlib
 import random
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -478,6 +480,22 @@ def summarize(results: Sequence[graft.WorkflowState], elapsed: float) -> int:
         f"{steps} steps, {retried} failed attempts retried; {spread}; {elapsed:.2f} s"
     )
     return 0 if len(completed) == len(results) else 1
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (held open together, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
 
 
 if __name__ == "__main__":
