@@ -56,7 +56,6 @@ class Progress:
     state: ProgressState = ProgressState.PROBE
     probe_sent: bool = False  # in PROBE, one message at a time
     recent_active: bool = False  # heard from since the last CheckQuorum round
-    snapshot_index: int = 0  # in SNAPSHOT: the index of the snapshot being sent
     # In SNAPSHOT: the snapshot being sent. Kept until the transfer ends even if the leader takes a newer
     # one meanwhile: restarting from offset 0 at every new snapshot starved a follower whose transfer
     # takes longer than the leader's snapshot interval.
@@ -64,6 +63,11 @@ class Progress:
     snapshot_offset: int = 0  # in SNAPSHOT: the next byte the follower asked for
     snapshot_sent: bool = False  # in SNAPSHOT: a chunk is awaiting its reply
     heartbeat_match: int = 0  # match_index at the previous stall check (once per election timeout)
+
+    @property
+    def snapshot_index(self) -> int:
+        """In SNAPSHOT: the index of the snapshot being sent (0 otherwise)."""
+        return self.snapshot.meta.index if self.snapshot is not None else 0
 
     def is_paused(self) -> bool:
         if self.state is ProgressState.PROBE:
@@ -79,7 +83,6 @@ class Progress:
             self.next_index = self.match_index + 1
         self.state = ProgressState.PROBE
         self.probe_sent = False
-        self.snapshot_index = 0
         self.snapshot = None
         self.inflights.reset()
 
@@ -92,7 +95,6 @@ class Progress:
     def become_snapshot(self, snapshot: Snapshot) -> None:
         self.state = ProgressState.SNAPSHOT
         self.snapshot = snapshot
-        self.snapshot_index = snapshot.meta.index
         self.snapshot_offset = 0
         self.snapshot_sent = False
         self.inflights.reset()
