@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import trio
 
+from graft_trio.clock import TrioClock
 from graft_trio.raft import (
     CoreConfig,
     Entry,
@@ -529,3 +530,17 @@ async def open_node_cluster(
         await cluster.start_all(ids)
         yield cluster
         nursery.cancel_scope.cancel()
+
+
+class OffsetClock(TrioClock):
+    """trio's clock shifted by `offset` (which a test may change): a member whose clock disagrees with the
+    others'."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    def now(self) -> float:
+        return trio.current_time() + self.offset
+
+    def trio_deadline(self, deadline: float) -> float:
+        return deadline - self.offset

@@ -18,10 +18,10 @@ import trio
 import trio.testing
 
 import graft_trio as graft
-from graft_trio.clock import Clock
 from graft_trio.manager import Manager
 from graft_trio.raft import MemoryStorage
 from graft_trio.raft.messages import Message
+from tests.raft_cluster import OffsetClock
 from transports.memory import MemoryEndpoint, MemoryNetwork, MemoryTransport
 
 _ports = itertools.count()
@@ -913,19 +913,6 @@ async def test_a_leader_leaving_gracefully_hands_leadership_over_first(autojump_
 # --- replicated time ----------------------------------------------------------------------------------
 
 
-class ShiftedClock(Clock):
-    """trio's clock plus an offset that a test may change: a member whose clock is off."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def now(self) -> float:
-        return trio.current_time() + self.offset
-
-    def trio_deadline(self, deadline: float) -> float:
-        return deadline - self.offset
-
-
 class Delayer(graft.Node[dict[str, Any], dict[str, Any]]):
     name = "delayer"
 
@@ -945,7 +932,7 @@ async def test_timers_fire_on_time_after_failover_to_a_leader_whose_clock_is_beh
 ) -> None:
     network = MemoryNetwork()
     ids = ["a", "b", "c"]
-    clocks = {i: ShiftedClock() for i in ids}
+    clocks = {i: OffsetClock() for i in ids}
     managers = {i: make_manager(network, i, {j: f"mem-{j}" for j in ids if j != i}, clock=clocks[i]) for i in ids}
     scopes = {i: trio.CancelScope() for i in ids}
     async with trio.open_nursery() as nursery:

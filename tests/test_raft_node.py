@@ -11,7 +11,6 @@ import pytest
 import trio
 import trio.testing
 
-from graft_trio.clock import TrioClock
 from graft_trio.raft import (
     EntryKind,
     MemoryStorage,
@@ -26,7 +25,7 @@ from graft_trio.raft import (
 )
 from graft_trio.raft.messages import AppendEntries, Entry, HardState, ReadIndexResponse
 from tests.kv import KeyValue, append, put
-from tests.raft_cluster import NodeCluster, node_config, open_node_cluster
+from tests.raft_cluster import NodeCluster, OffsetClock, node_config, open_node_cluster
 from transports.memory import MemoryNetwork, MemoryTransport
 
 ABC = ["a", "b", "c"]
@@ -705,19 +704,6 @@ async def test_a_read_answer_meant_for_a_previous_incarnation_is_not_used(
 # --- the leader's time on every command ------------------------------------------------------------------
 
 
-class _OffsetClock(TrioClock):
-    """trio's clock shifted by a fixed offset: a member whose clock disagrees with the others'."""
-
-    def __init__(self, offset: float) -> None:
-        self.offset = offset
-
-    def now(self) -> float:
-        return trio.current_time() + self.offset
-
-    def trio_deadline(self, deadline: float) -> float:
-        return deadline - self.offset
-
-
 class _TimeLog(StateMachine):
     """Applies commands of the form b"<time>|<text>" and remembers the times; stamps the leader's time in."""
 
@@ -752,7 +738,7 @@ async def test_commands_carry_the_leaders_time_whoever_proposed_them(autojump_cl
             {p: p for p in offsets if p != node_id},
             state_machine=machines[node_id],
             transport=MemoryTransport(network),
-            clock=_OffsetClock(offset),
+            clock=OffsetClock(offset),
             rng=random.Random(index),
         )
         for index, (node_id, offset) in enumerate(offsets.items())
