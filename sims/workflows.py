@@ -239,6 +239,11 @@ class WorkflowSimulation(Simulation):
         self.restart_rng = random.Random(self.rng.getrandbits(64))
         self.workload_rng = random.Random(self.rng.getrandbits(64))
         self.plans = draw_plans(random.Random(self.rng.getrandbits(64)), options.workflows, options.fault_time)
+        self.raft_config = attrs.evolve(
+            self.plan.raft,
+            max_message_bytes=max(self.plan.raft.max_message_bytes, MIN_MESSAGE_BYTES),
+            snapshot_chunk_bytes=max(self.plan.raft.snapshot_chunk_bytes, MIN_SNAPSHOT_CHUNK_BYTES),
+        )
         self.managers: dict[str, Manager] = {}
         self.executions: dict[str, str] = {}
         self.incarnations: list[tuple[str, list[int], list[Any]]] = []  # (name, applied, events)
@@ -279,11 +284,7 @@ class WorkflowSimulation(Simulation):
             storage=member.storage,
             clock=member.clock,
             rng=random.Random(self.restart_rng.getrandbits(64)),
-            raft_config=attrs.evolve(
-                self.plan.raft,
-                max_message_bytes=max(self.plan.raft.max_message_bytes, MIN_MESSAGE_BYTES),
-                snapshot_chunk_bytes=max(self.plan.raft.snapshot_chunk_bytes, MIN_SNAPSHOT_CHUNK_BYTES),
-            ),
+            raft_config=self.raft_config,
             claim_lease=1.5,
             max_concurrent_steps=4,
             request_timeout=3.0,
