@@ -17,6 +17,7 @@ from graft_trio.raft.messages import (
     AppendEntriesResponse,
     Entry,
     EntryKind,
+    ForwardBatch,
     ForwardProposal,
     Heartbeat,
     HeartbeatResponse,
@@ -124,6 +125,14 @@ MESSAGE_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     TimeoutNow: st.builds(TimeoutNow, source=node_ids, target=node_ids, term=terms),
     ForwardProposal: st.builds(
         ForwardProposal, source=node_ids, target=node_ids, term=terms, data=payloads, request_id=request_ids
+    ),
+    ForwardBatch: st.builds(
+        ForwardBatch,
+        source=node_ids,
+        target=node_ids,
+        term=terms,
+        data=st.lists(payloads, max_size=5).map(codec.encode_commands),
+        request_id=request_ids,
     ),
     ReadIndexRequest: st.builds(ReadIndexRequest, source=node_ids, target=node_ids, term=terms, context=u64),
     ReadIndexResponse: st.builds(
@@ -295,3 +304,37 @@ def test_round_trip_check_catches_a_dropped_field(monkeypatch: pytest.MonkeyPatc
 
     with pytest.raises(AssertionError):
         round_trip()
+
+
+# --- the commands of a BATCH entry ----------------------------------------------------------------------
+
+
+@EXAMPLES
+@given(commands=st.lists(payloads, max_size=20))
+def test_a_batch_of_commands_round_trips(commands: list[bytes]) -> None:
+    blob = codec.encode_commands(commands)
+    codec.check_commands(blob)
+    assert codec.decode_commands(blob) == commands
+
+
+@EXAMPLES
+@given(commands=st.lists(payloads, min_size=1, max_size=5), data=st.data())
+def test_a_damaged_batch_of_commands_decodes_or_raises_codec_error(commands: list[bytes], data: st.DataObject) -> None:
+    blob = codec.encode_commands(commands)
+    cut = data.draw(st.integers(min_value=0, max_value=len(blob) - 1))
+    with pytest.raises(CodecError):
+        codec.decode_commands(blob[:cut])  # every truncation is refused
+    with pytest.raises(CodecError):
+        codec.check_commands(blob + b"x")  # and trailing bytes
+    position = data.draw(st.integers(min_value=0, max_value=len(blob) - 1))
+    damaged = blob[:position] + bytes([data.draw(st.integers(0, 255))]) + blob[position + 1 :]
+    try:
+        decoded = codec.decode_commands(damaged)
+    except CodecError:
+        return
+    assert b"".join(decoded) == damaged[4 * (len(decoded) + 1) :]  # what decodes covers the blob exactly
+
+
+def test_a_batch_claiming_more_commands_than_it_holds_is_refused_without_reading_them() -> None:
+    with pytest.raises(CodecError, match="before their lengths"):
+        codec.decode_commands(struct.pack("<I", 2**32 - 1) + b"\x00" * 16)

@@ -10,6 +10,7 @@ from graft_trio.raft.errors import (
     NoQuorumError,
     NotLeaderError,
     ProposalTimeout,
+    ProposalTooLarge,
     RaftError,
 )
 from graft_trio.raft.messages import Entry, EntryKind, HardState, Member, Membership, Snapshot, SnapshotMeta
@@ -33,6 +34,7 @@ __all__ = [
     "NotLeaderError",
     "PersistentState",
     "ProposalTimeout",
+    "ProposalTooLarge",
     "RaftConfig",
     "RaftCore",
     "RaftError",

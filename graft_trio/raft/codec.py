@@ -10,6 +10,7 @@ Layouts (version 1)::
     batch    = version:u8 flags:u8 count:u32 [hard_state] entry*count   (flags bit 0: hard state present)
     hard     = term:u64 commit:u64 has_vote:u8 [vote:str]
     entry    = term:u64 index:u64 kind:u8 has_membership:u8 data:bytes request_id:str [membership]
+    commands = count:u32 length:u32*count (command bytes)*count   (a BATCH entry's data; `encode_commands`)
     meta     = version:u8 index:u64 term:u64 membership
     members  = count:u32 (node_id:str address:str voter:u8)*count
     str      = bytes of its UTF-8 encoding;  bytes = length:u32 followed by that many bytes
@@ -21,6 +22,7 @@ Messages (`encode_message`, wire version 1, versioned apart from the records; do
 
 from __future__ import annotations
 
+import itertools
 import operator
 import struct
 from collections.abc import Callable, Sequence
@@ -33,6 +35,7 @@ from graft_trio.raft.messages import (
     AppendEntriesResponse,
     Entry,
     EntryKind,
+    ForwardBatch,
     ForwardProposal,
     HardState,
     Heartbeat,
@@ -88,6 +91,36 @@ def decode_batch(blob: bytes | memoryview) -> tuple[HardState | None, list[Entry
         hard_state = _decode_hard_state(reader) if flags & _HAS_HARD_STATE else None
         entries = [_decode_entry(reader) for _ in range(count)]
     return hard_state, entries
+
+
+def encode_commands(commands: Sequence[bytes]) -> bytes:
+    """Several commands (or their results) as one blob: the data of an `EntryKind.BATCH` entry."""
+    count = len(commands)
+    return struct.pack(f"<I{count}I", count, *map(len, commands)) + b"".join(commands)
+
+
+def decode_commands(blob: bytes) -> list[bytes]:
+    """The inverse of `encode_commands`; raises `CodecError` on anything else."""
+    return [blob[begin:end] for begin, end in itertools.pairwise(_command_bounds(blob))]
+
+
+def check_commands(blob: bytes) -> None:
+    """Raise `CodecError` unless `blob` is an `encode_commands` encoding (without slicing it up)."""
+    _command_bounds(blob)
+
+
+def _command_bounds(blob: bytes) -> list[int]:
+    """Where each command of an `encode_commands` blob starts, and where the last one ends."""
+    if len(blob) < _U32.size:
+        raise CodecError("a batch of commands ends before its count")
+    (count,) = _U32.unpack_from(blob)
+    start = _U32.size * (count + 1)
+    if start > len(blob):
+        raise CodecError(f"a batch of {count} commands ends before their lengths")
+    bounds = list(itertools.accumulate(struct.unpack_from(f"<{count}I", blob, _U32.size), initial=start))
+    if bounds[-1] != len(blob):
+        raise CodecError(f"a batch of commands of {bounds[-1] - start} bytes has {len(blob) - start}")
+    return bounds
 
 
 def encode_snapshot_meta(meta: SnapshotMeta) -> bytes:
@@ -398,6 +431,14 @@ _MESSAGE_LAYOUTS: tuple[_MessageLayout, ...] = (
         struct.Struct("<Q"),
         encode_tail=_encode_membership_response_tail,
         decode_tail=_decode_membership_response_tail,
+    ),
+    _MessageLayout(
+        15,
+        ForwardBatch,
+        ("term",),
+        struct.Struct("<Q"),
+        encode_tail=_encode_forward_proposal_tail,
+        decode_tail=_decode_forward_proposal_tail,
     ),
 )
 _LAYOUT_BY_TYPE: dict[type[Any], _MessageLayout] = {layout.message_type: layout for layout in _MESSAGE_LAYOUTS}

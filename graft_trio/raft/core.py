@@ -19,13 +19,15 @@ from collections.abc import Callable
 
 import attrs
 
-from graft_trio.raft.errors import MembershipChangeError, NotLeaderError
+from graft_trio.raft.codec import CodecError, check_commands, decode_commands, encode_commands
+from graft_trio.raft.errors import MembershipChangeError, NotLeaderError, ProposalTooLarge
 from graft_trio.raft.log import RaftLog
 from graft_trio.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
     Entry,
     EntryKind,
+    ForwardBatch,
     ForwardProposal,
     HardState,
     Heartbeat,
@@ -61,6 +63,7 @@ class CoreConfig:
     max_inflight_messages: int = 64
     max_inflight_bytes: int = 8 * 1024 * 1024
     max_message_bytes: int = 1024 * 1024  # entries per AppendEntries stop once this is exceeded
+    max_entry_bytes: int = 1024 * 1024  # the largest entry a proposal may make (`Entry.size`)
     snapshot_chunk_bytes: int = 512 * 1024
 
     def __attrs_post_init__(self) -> None:
@@ -211,21 +214,39 @@ class RaftCore:
         if self.role is not Role.LEADER and self.can_campaign():
             self._campaign(pre_vote=self.config.pre_vote, transfer=False)
 
-    def propose(self, data: bytes, request_id: str) -> int | None:
-        """Append a command on the leader (returning its index) or forward it to the leader (None).
+    def propose(self, data: bytes, request_id: str, kind: EntryKind = EntryKind.NORMAL) -> int | None:
+        """Append a command (kind NORMAL) or a batch of them (BATCH, `codec.encode_commands`) on the leader,
+        returning its index, or forward it to the leader (None).
 
-        Raises NotLeaderError when no leader is known or a leadership transfer is under way.
+        Raises NotLeaderError when no leader is known or a leadership transfer is under way, and
+        ProposalTooLarge for an entry over `max_entry_bytes`.
         """
+        if kind is not EntryKind.NORMAL and kind is not EntryKind.BATCH:
+            raise ValueError(f"{kind.name} entries are not proposed as commands")
         if self.role is Role.LEADER:
             if self.transfer_target is not None:
                 raise NotLeaderError("leadership transfer in progress", self.transfer_target)
-            return self._append_new(
-                Entry(self.term, self.log.last_index + 1, EntryKind.NORMAL, self._stamp(data), request_id)
-            )
+            entry = self._new_command_entry(data, request_id, kind)
+            if entry.size() > self.config.max_entry_bytes:
+                raise ProposalTooLarge(f"an entry of {entry.size()} bytes, over max_entry_bytes")
+            return self._append_new(entry)
         if self.leader_id is None or self.leader_id == self.id:
             raise NotLeaderError("no leader known", None)
-        self._send(ForwardProposal(self.id, self.leader_id, self.term, data, request_id))
+        forward = ForwardBatch if kind is EntryKind.BATCH else ForwardProposal
+        self._send(forward(self.id, self.leader_id, self.term, data, request_id))
         return None
+
+    def _new_command_entry(self, data: bytes, request_id: str, kind: EntryKind) -> Entry:
+        """The next entry of the log for a command or batch of commands, stamped (`StateMachine.stamp`).
+        Raises CodecError for a batch that is not one: every member would fail to apply it."""
+        if kind is EntryKind.BATCH:
+            if self._stamp is not _unchanged:
+                data = encode_commands([self._stamp(command) for command in decode_commands(data)])
+            else:
+                check_commands(data)
+        elif self._stamp is not _unchanged:
+            data = self._stamp(data)
+        return Entry(self.term, self.log.last_index + 1, kind, data, request_id)
 
     def propose_membership(self, membership: Membership, request_id: str) -> int:
         """Append a single-server membership change on the leader; returns its index."""
@@ -855,8 +876,12 @@ class RaftCore:
             # Only from members: a member removed from the cluster but still running (its engine claiming
             # steps, say) must not keep writing to the log.
             if self.transfer_target is None:
-                data = self._stamp(message.data)
-                self._append_new(Entry(self.term, self.log.last_index + 1, EntryKind.NORMAL, data, message.request_id))
+                try:
+                    entry = self._new_command_entry(message.data, message.request_id, message.kind)
+                except CodecError:
+                    return  # not a batch: the proposer times out, and nothing is appended
+                if entry.size() <= self.config.max_entry_bytes:  # else its proposer times out
+                    self._append_new(entry)
         elif isinstance(message, ReadIndexRequest) and self.membership.get(message.source) is not None:
             self._leader_read(message.source, message.context)
 

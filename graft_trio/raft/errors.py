@@ -19,6 +19,14 @@ class ProposalTimeout(RaftError):
     """The proposal or read did not complete within its timeout; a proposal may still be applied later."""
 
 
+class ProposalTooLarge(RaftError, ValueError):
+    """The proposal's log entry would exceed `RaftConfig.max_entry_bytes`; it was not proposed.
+
+    A larger entry could never be replicated (no message may carry it), so it is refused up front instead
+    of blocking the log behind it.
+    """
+
+
 class NoQuorumError(RaftError):
     """No leader was known for the whole timeout: the cluster cannot make progress right now."""
 

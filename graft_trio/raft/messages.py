@@ -7,6 +7,7 @@ codec (and the simulator, which passes these objects by reference) has one place
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 import attrs
 
@@ -15,6 +16,7 @@ class EntryKind(enum.IntEnum):
     NORMAL = 0
     NOOP = 1  # appended by every new leader, so that it can commit entries of earlier terms
     MEMBERSHIP = 2  # data is unused; the new membership is in `membership`
+    BATCH = 3  # data holds several commands (`codec.encode_commands`), applied in order at this index
 
 
 @attrs.frozen(slots=True)
@@ -200,6 +202,16 @@ class ForwardProposal:
     data: bytes
     request_id: str
 
+    kind: ClassVar[EntryKind] = EntryKind.NORMAL  # the kind of entry the leader appends (a class attribute)
+
+
+@attrs.frozen(slots=True)
+class ForwardBatch(ForwardProposal):
+    """A batch of commands proposed together on a follower (`RaftNode.propose_many`), sent to the leader:
+    `data` is their `codec.encode_commands` encoding, appended as one `EntryKind.BATCH` entry."""
+
+    kind: ClassVar[EntryKind] = EntryKind.BATCH
+
 
 @attrs.frozen(slots=True)
 class ReadIndexRequest:
@@ -267,6 +279,7 @@ Message = (
     | InstallSnapshotResponse
     | TimeoutNow
     | ForwardProposal
+    | ForwardBatch
     | ReadIndexRequest
     | ReadIndexResponse
     | MembershipRequest
@@ -288,4 +301,5 @@ MESSAGE_TYPES: tuple[type, ...] = (
     ReadIndexResponse,
     MembershipRequest,
     MembershipResponse,
+    ForwardBatch,
 )

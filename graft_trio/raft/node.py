@@ -25,7 +25,7 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ import trio
 
 from graft_trio._service import start_service
 from graft_trio.clock import Clock, TrioClock
+from graft_trio.raft.codec import decode_commands, encode_commands
 from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role
 from graft_trio.raft.errors import (
     MembershipChangeError,
@@ -41,6 +42,7 @@ from graft_trio.raft.errors import (
     NoQuorumError,
     NotLeaderError,
     ProposalTimeout,
+    ProposalTooLarge,
     RaftError,
 )
 from graft_trio.raft.messages import (
@@ -74,9 +76,15 @@ class RaftConfig:
     max_inflight_messages: int = 64
     max_inflight_bytes: int = 8 * 1024 * 1024
     max_message_bytes: int = 1024 * 1024
+    # The largest entry a proposal may make (`Entry.size`: a command, or a `propose_many` batch, with its
+    # request id); larger ones raise ProposalTooLarge. A transport's frame limit must exceed
+    # max_message_bytes + max_entry_bytes (the last entry of an AppendEntries may cross max_message_bytes).
+    max_entry_bytes: int = 1024 * 1024
     snapshot_chunk_bytes: int = 512 * 1024
     snapshot_threshold: int = 8192  # take a snapshot once this many entries were applied since the last
+    snapshot_threshold_bytes: int = 64 * 1024 * 1024  # ... or once entries of this many bytes were
     snapshot_trailing: int = 1024  # entries kept behind a snapshot for followers that lag a little
+    snapshot_trailing_bytes: int = 16 * 1024 * 1024  # ... but no more of them than this many bytes
     # False: nothing is fsynced, and entries are written behind the commit path: a crash (a kill -9 too)
     # loses those not written yet, acknowledged ones included. A new term or vote is written before it is sent.
     durable: bool = True
@@ -98,6 +106,7 @@ class RaftConfig:
             max_inflight_messages=self.max_inflight_messages,
             max_inflight_bytes=self.max_inflight_bytes,
             max_message_bytes=self.max_message_bytes,
+            max_entry_bytes=self.max_entry_bytes,
             snapshot_chunk_bytes=self.snapshot_chunk_bytes,
         )
 
@@ -175,6 +184,7 @@ class _Waiter:
     expired: bool = False
     due: float = math.inf  # member time at which the timer expires it; earlier heap entries for it are stale
     command: bytes | None = None  # a pending proposal's command, submitted again when the leader changes
+    kind: EntryKind = EntryKind.NORMAL  # BATCH: `command` is several (`propose_many`)
     appended_term: int = 0  # the term in which this member, as leader, appended the proposal to its log
     waiting_for_room: bool = False  # a proposal queued for room (`_RoomTicket`): not to be submitted yet
 
@@ -185,7 +195,7 @@ class _Waiter:
             return
         if core.role is Role.LEADER and self.appended_term == core.term:
             return
-        if core.propose(self.command, request_id) is not None:
+        if core.propose(self.command, request_id, self.kind) is not None:
             self.appended_term = core.term
 
     def resolve(self, result: bytes) -> None:
@@ -409,6 +419,7 @@ class RaftNode:
         self._changed = trio.Event()  # set (and replaced) after every turn of the loop
         self._running = False
         self.applied_index = 0
+        self._bytes_since_snapshot = 0  # bytes of commands applied since the last snapshot
         self._last_tick_at = 0.0
         self._tick_due = math.inf  # while the tick loop sleeps: the member time it sleeps until
         self._tick_scope: trio.CancelScope | None = None
@@ -681,14 +692,20 @@ class RaftNode:
 
     def _apply_entry(self, entry: Entry) -> None:
         result = b""
-        if entry.kind == EntryKind.NORMAL:
+        kind = entry.kind
+        if kind is EntryKind.NORMAL or kind is EntryKind.BATCH:
             cached = self._dedup.get(entry.request_id) if entry.request_id else None
             if cached is not None:
                 result = cached
             else:
-                result = self.state_machine.apply(entry.index, entry.data)
+                if kind is EntryKind.NORMAL:
+                    result = self.state_machine.apply(entry.index, entry.data)
+                else:
+                    apply, index = self.state_machine.apply, entry.index
+                    result = encode_commands([apply(index, command) for command in decode_commands(entry.data)])
                 if entry.request_id:
                     self._remember(entry.request_id, result)
+            self._bytes_since_snapshot += len(entry.data)
         elif entry.membership is not None and self.cluster_listener is not None:
             self.cluster_listener.membership_applied(entry.index, entry.membership)
         self.applied_index = entry.index
@@ -708,6 +725,7 @@ class RaftNode:
         self._dedup = OrderedDict(dedup)
         self.state_machine.restore(state)
         self.applied_index = snapshot.meta.index
+        self._bytes_since_snapshot = 0
         if self.cluster_listener is not None:
             self.cluster_listener.membership_applied(snapshot.meta.index, snapshot.meta.membership)
         if self.observer is not None:
@@ -716,12 +734,27 @@ class RaftNode:
     async def _maybe_snapshot(self, core: RaftCore) -> None:
         applied = core.log.applied
         last_snapshot = core.snapshot.meta.index if core.snapshot is not None else 0
-        if applied - last_snapshot < self.config.snapshot_threshold:
+        config = self.config
+        few_entries = applied - last_snapshot < config.snapshot_threshold
+        if few_entries and self._bytes_since_snapshot < config.snapshot_threshold_bytes:
             return
         data = encode_applied_state(self._dedup, self.state_machine.snapshot())
         snapshot = Snapshot(core.snapshot_meta(applied), data)
+        self._bytes_since_snapshot = 0
         await self._save_snapshot(snapshot, discard_log=False)
-        core.compact(snapshot, applied - self.config.snapshot_trailing)
+        core.compact(snapshot, self._compaction_point(core, applied))
+
+    def _compaction_point(self, core: RaftCore, applied: int) -> int:
+        """The index up to which the log is discarded after a snapshot at `applied`: `snapshot_trailing`
+        entries stay behind it, fewer if they would hold more than `snapshot_trailing_bytes`."""
+        kept_bytes, index = 0, applied
+        lowest = max(applied - self.config.snapshot_trailing, core.log.offset)
+        while index > lowest:
+            kept_bytes += core.log.entry(index).size()
+            if kept_bytes > self.config.snapshot_trailing_bytes:
+                break
+            index -= 1
+        return index
 
     # --- durable=False: the background writer --------------------------------------------------------------
 
@@ -970,15 +1003,40 @@ class RaftNode:
         `request_id` (by this call, or by the caller after a timeout) is applied once. While
         `max_pending_proposals` proposals of this member are in flight, waits for one of them to finish.
         Raises ProposalTimeout or NoQuorumError after `timeout` seconds; the command may still be applied.
+        Raises ProposalTooLarge at once if its entry would exceed `RaftConfig.max_entry_bytes`.
         """
+        return await self._propose(command, EntryKind.NORMAL, timeout, request_id)
+
+    async def propose_many(
+        self, commands: Sequence[bytes], *, timeout: float | None = None, request_id: str | None = None
+    ) -> list[bytes]:
+        """Replicate `commands` together and return what `apply` returned for each, in order.
+
+        The commands travel and are stored as one log entry, so they cost about what one proposal costs
+        plus their bytes, and they are applied all or none: every member applies them one after another,
+        in order, with nothing between them, each by `StateMachine.apply` with that entry's index (the
+        same index for all of them). Otherwise as `propose`: one `request_id` for the batch, retried
+        batches are applied once, and the batch counts as one of the `max_pending_proposals`. Raises
+        ProposalTooLarge at once if the entry (the commands, 4 bytes each for their lengths, and 4 more)
+        would exceed `RaftConfig.max_entry_bytes`.
+        """
+        if not commands:
+            return []
+        results = await self._propose(encode_commands(commands), EntryKind.BATCH, timeout, request_id)
+        return decode_commands(results)
+
+    async def _propose(self, data: bytes, kind: EntryKind, timeout: float | None, request_id: str | None) -> bytes:
         request_id = request_id or self.new_request_id()
         cached = self._dedup.get(request_id)
         if cached is not None:
             return cached
+        size = Entry(0, 0, kind, data, request_id).size()
+        if size > self.config.max_entry_bytes:
+            raise ProposalTooLarge(f"a proposal of {size} bytes, over max_entry_bytes ({self.config.max_entry_bytes})")
         self._check_running()
         now = self.clock.now()
         deadline = now + (self.config.default_timeout if timeout is None else timeout)
-        waiter = self._waiters.setdefault(request_id, _Waiter(command=command))
+        waiter = self._waiters.setdefault(request_id, _Waiter(command=data, kind=kind))
         ticket = self._take_room(request_id, waiter, deadline)
         try:
             return await self._await_with_retries(waiter, (request_id, waiter), deadline, "proposal", now, ticket)
