@@ -19,7 +19,7 @@ import trio.testing
 
 import graft_trio as graft
 from graft_trio.manager import Manager
-from graft_trio.raft import MemoryStorage
+from graft_trio.raft import MemoryStorage, ProposalTooLarge
 from graft_trio.raft.messages import Message
 from tests.raft_cluster import OffsetClock
 from transports.memory import MemoryEndpoint, MemoryNetwork, MemoryTransport
@@ -127,6 +127,32 @@ async def test_a_payload_that_does_not_fit_fails_the_workflow_naming_the_field(
         # Not retried: one attempt, and the step is kept as a dead letter.
         assert len(status.executed_steps) == 1
         assert [d.node_name for d in status.dead_letters] == ["greeter"]
+
+
+class Hoarder(graft.Node[dict[str, Any], dict[str, Any]]):
+    """Returns a state patch of `size` bytes."""
+
+    name = "hoarder"
+
+    async def execute(self, ctx: graft.NodeContext, state: dict[str, Any], config: dict[str, Any]) -> graft.NodeResult:
+        return graft.NodeResult(data={"blob": "x" * config["size"]})
+
+
+async def test_a_step_outcome_too_large_for_the_log_fails_the_workflow_and_harms_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with one_member(Hoarder(), Greeter()) as mgr:
+        with pytest.raises(ProposalTooLarge):  # a trigger too large is refused at once
+            await mgr.start_workflow(trigger("huge", "greeter", GreeterConfig("Hi"), {"name": "x" * 2**21}))
+        await mgr.start_workflow(trigger("big", "hoarder", {"size": 2 * 1024 * 1024}))
+        await mgr.start_workflow(trigger("small", "hoarder", {"size": 1000}))
+        big = await mgr.wait_for_workflow("big", timeout=30)
+        assert big.status is graft.WorkflowStatus.FAILED
+        assert big.last_error is not None and "does not fit in a log entry" in big.last_error
+        assert [d.node_name for d in big.dead_letters] == ["hoarder"]  # not retried
+        small = await mgr.wait_for_workflow("small", timeout=30)
+        assert small.status is graft.WorkflowStatus.COMPLETED and small.current_state == {"blob": "x" * 1000}
+        assert mgr.health().serving
 
 
 async def test_a_node_registered_after_start_runs_the_steps_already_queued(

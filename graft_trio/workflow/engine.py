@@ -36,7 +36,13 @@ import attrs
 import trio
 
 from graft_trio.clock import Clock
-from graft_trio.raft.errors import NodeStoppedError, NoQuorumError, NotLeaderError, ProposalTimeout
+from graft_trio.raft.errors import (
+    NodeStoppedError,
+    NoQuorumError,
+    NotLeaderError,
+    ProposalTimeout,
+    ProposalTooLarge,
+)
 from graft_trio.raft.node import RaftNode
 from graft_trio.state import commands as c
 from graft_trio.state.events import Event, NodeFailed, StepsReady, WorkflowCancelled
@@ -363,7 +369,13 @@ class Engine:
                 self._dropped += 1
                 logger.debug("member %s: claim %d dropped: %s", self.member_id, grant.claim_id, attempt.lost)
                 return
-            reply = await self.proposer.propose(outcome)
+            try:
+                reply = await self.proposer.propose(outcome)
+            except ProposalTooLarge as exc:
+                # The outcome (its state patch and next nodes) cannot go into the log: fail the step, for
+                # good, since the same result would not fit again.
+                error = f"the step's outcome does not fit in a log entry: {exc}"
+                reply = await self.proposer.propose(self._failure(attempt, error, retryable=False))
             if isinstance(reply, c.ClaimLost):
                 self._dropped += 1  # another member owns the step now: its outcome is the one that counts
             elif isinstance(reply, c.Invalid):
