@@ -7,13 +7,15 @@ Start three members (each in its own terminal, or in the background), then talk 
     # ... n2 and n3 likewise ...
     .venv/bin/python examples/kv_cluster.py client --members 127.0.0.1:8101,127.0.0.1:8102 put colour blue
     .venv/bin/python examples/kv_cluster.py client --members 127.0.0.1:8101,127.0.0.1:8102 get colour
+    .venv/bin/python examples/kv_cluster.py client --members 127.0.0.1:8101 put-many size L shape round
 
 A member serves clients on its ``--client`` address with a tiny protocol: each frame is a 4-byte big-endian
 length and a JSON object. A request carries an ``id`` chosen by the client (responses come back as they
 complete, so a client may pipeline many requests on one connection) and an ``op``: ``put`` / ``delete``
-(replicated through `RaftNode.propose`, forwarded to the leader by a follower), ``get`` (a linearizable
-`RaftNode.read`), or ``status``. A ``put`` carries a ``request_id`` that the client keeps when it retries on
-another member, so a write retried after a failover is applied once.
+(replicated through `RaftNode.propose`, forwarded to the leader by a follower), ``put_many`` (``items``, a
+list of ``[key, value]``, replicated together through `RaftNode.propose_many`: one log entry, all or none),
+``get`` (a linearizable `RaftNode.read`), or ``status``. A write carries a ``request_id`` that the client
+keeps when it retries on another member, so a write retried after a failover is applied once.
 
 When a member is serving it prints one line ``ready <client address>`` on stdout; tests and benchmarks wait
 for it.
@@ -219,6 +221,16 @@ class KvMember:
                 request_id=None if request_id is None else str(request_id),
             )
             return {"ok": True, "index": int(result)}
+        if op == "put_many":
+            commands = [
+                json.dumps({"op": "put", "key": str(key), "value": str(value)}, separators=(",", ":")).encode()
+                for key, value in request["items"]
+            ]
+            request_id = request.get("request_id")
+            results = await self.node.propose_many(
+                commands, timeout=timeout, request_id=None if request_id is None else str(request_id)
+            )
+            return {"ok": True, "index": int(results[0]) if results else 0}
         if op == "get":
             value = json.loads(await self.node.read(str(request["key"]).encode(), timeout=timeout))
             return {"ok": True, "value": value}
@@ -351,6 +363,13 @@ class KvClient:
         response = await self.call(request)
         return int(response["index"])
 
+    async def put_many(self, items: dict[str, str], *, timeout: float = 5.0) -> int:
+        """Write several keys in one log entry: all of them or none, even across a failover."""
+        request_id = secrets.token_hex(12)
+        request = {"op": "put_many", "items": list(items.items()), "request_id": request_id, "timeout": timeout}
+        response = await self.call(request)
+        return int(response["index"])
+
     async def delete(self, key: str, *, timeout: float = 5.0) -> int:
         request_id = secrets.token_hex(12)
         response = await self.call({"op": "delete", "key": key, "request_id": request_id, "timeout": timeout})
@@ -383,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     member.add_argument("--snapshot-threshold", type=int, default=None, help="entries between snapshots")
     client = commands.add_parser("client", help="send one request")
     client.add_argument("--members", required=True, help="host:port,... client addresses of members")
-    client.add_argument("op", choices=["put", "get", "delete", "status"])
+    client.add_argument("op", choices=["put", "put-many", "get", "delete", "status"])
     client.add_argument("args", nargs="*")
     return parser
 
@@ -393,6 +412,9 @@ async def run_client(members: list[str], op: str, args: list[str]) -> int:
         try:
             if op == "put" and len(args) == 2:
                 print(f"ok (log index {await client.put(args[0], args[1])})")
+            elif op == "put-many" and args and len(args) % 2 == 0:
+                items = dict(zip(args[::2], args[1::2], strict=True))
+                print(f"ok (log index {await client.put_many(items)})")
             elif op == "delete" and len(args) == 1:
                 print(f"ok (log index {await client.delete(args[0])})")
             elif op == "get" and len(args) == 1:
@@ -401,7 +423,8 @@ async def run_client(members: list[str], op: str, args: list[str]) -> int:
             elif op == "status" and not args:
                 print(json.dumps(await client.status(), indent=2))
             else:
-                print(f"usage: client {op} needs {'KEY VALUE' if op == 'put' else 'KEY' if op != 'status' else ''}")
+                needs = {"put": "KEY VALUE", "put-many": "KEY VALUE [KEY VALUE ...]", "status": "nothing"}
+                print(f"usage: client {op} needs {needs.get(op, 'KEY')}")
                 return 2
         except KvError as error:
             print(f"error: {error}", file=sys.stderr)

@@ -146,14 +146,23 @@ async def write_stream(
     count: int,
     acknowledged: dict[str, str],
     milestones: dict[int, trio.Event] | None = None,
+    batch: int = 1,
 ) -> None:
-    """Write `count` keys one after another; `milestones[n]` is set once n of them are acknowledged."""
-    for i in range(count):
-        key, value = f"{prefix}{i}", f"v{i}"
-        await client.put(key, value)
-        acknowledged[key] = value
-        if milestones is not None and i + 1 in milestones:
-            milestones[i + 1].set()
+    """Write `count` keys one after another; `milestones[n]` is set once n of them are acknowledged. With
+    `batch`, each `batch`-th write is a `put_many` of `batch` keys instead (one log entry)."""
+    i = 0
+    while i < count:
+        if batch > 1 and i % (2 * batch) == batch:
+            items = {f"{prefix}{j}": f"v{j}" for j in range(i, min(i + batch, count))}
+            await client.put_many(items)
+        else:
+            items = {f"{prefix}{i}": f"v{i}"}
+            await client.put(*next(iter(items.items())))
+        acknowledged.update(items)
+        for _ in items:
+            i += 1
+            if milestones is not None and i in milestones:
+                milestones[i].set()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -171,7 +180,7 @@ async def test_kill_9_of_the_leader_loses_nothing_acknowledged(tmp_path: Path, t
                 busy_members = [leader.client_address, *(m.client_address for m in survivors)]
                 milestones = {20: trio.Event(), 80: trio.Event()}
                 async with KvClient(busy_members, attempts_per_member=40) as busy, trio.open_nursery() as nursery:
-                    nursery.start_soon(write_stream, busy, "during-", 10_000, acknowledged, milestones)
+                    nursery.start_soon(write_stream, busy, "during-", 10_000, acknowledged, milestones, 5)
                     await milestones[20].wait()
                     cluster.kill(leader)
                     await milestones[80].wait()
