@@ -3,7 +3,7 @@
     python -m benchmarks sim [--seeds N] [--start S]
     python -m benchmarks storage [--batches N] [--repeat R] [--dir PATH]
     python -m benchmarks codec [--seconds S] [--repeat R]
-    python -m benchmarks raft --vs pysyncobj [--seconds S] [--window W] [--serial N] [--failovers F] [--quick]
+    python -m benchmarks raft --vs pysyncobj [--seconds S] [--window W] [--batch B] [--serial N] [--quick]
     python -m benchmarks workflows [--workflows N] [--window W] [--serial N] [--members 1,3] [--quick] [--profile DIR]
 
 Each command is the `main` of its module; the arguments after the command's name are passed on to it.

@@ -1,9 +1,10 @@
 """graft-trio's Raft against PySyncObj, three member processes each on loopback TCP, in one run.
 
     python -m benchmarks raft --vs pysyncobj [--seconds 5] [--warmup 1] [--window 100,1000,10000,30000]
-                              [--serial 200] [--failovers 5] [--quick] [--profile DIR] [--keep]
+                              [--batch 100] [--batch-window 30000,100000,300000,1000000] [--serial 200]
+                              [--failovers 5] [--systems all] [--quick] [--profile DIR] [--keep]
 
-Three systems are measured one after the other, never at the same time: graft-trio durable
+Three clusters are measured one after the other, never at the same time: graft-trio durable
 (``RaftConfig(durable=True)``, `FileStorage`, one fsync per persisted batch), graft-trio non-durable
 (``RaftConfig(durable=False)``, the same files without fsync) and PySyncObj with its defaults (log in memory,
 nothing on disk). For each, this module starts three member processes (`benchmarks/raft_member.py` or
@@ -18,9 +19,21 @@ in this order, on the same three processes (a killed member is replaced by a fre
 3. throughput, at each window: the leader runs the pipelined client in its own process (PySyncObj has no
    client protocol, so graft-trio's load is generated the same way): `window` writers, each with one
    100-byte command outstanding, for `warmup` + `seconds`; the completions in the last `seconds` count.
-   A system's throughput is its best window.
+   A row's throughput is its best window;
+4. with `batch` B > 1, throughput again, at each of the `batch_window` windows (larger ones: see
+   `DEFAULT_BATCH_WINDOWS`), with B commands per call: graft-trio's client runs ceil(window / B) writers
+   each with one `RaftNode.propose_many` of B commands outstanding (one log entry per call), PySyncObj's
+   packs B commands into each `@replicated` call. These are rows of their own ("graft-trio ..., batches
+   of B", "PySyncObj, B commands per call") measured on the processes of their one-command-per-call
+   sibling, right after it, so that the run does not start and fail over three more clusters; their
+   serial latency and failovers would be the sibling's.
 
-The last line is ``ratio_vs_pysyncobj: X``: graft-trio non-durable throughput over PySyncObj's.
+The last lines compare graft-trio non-durable's throughput with PySyncObj's:
+``ratio_vs_pysyncobj_one_propose_per_command`` (one `propose` per command over PySyncObj's defaults, one
+command per call), ``ratio_vs_pysyncobj_packed`` (graft-trio non-durable's best row over the packed PySyncObj
+row, what a PySyncObj application packing commands itself would get), and last ``ratio_vs_pysyncobj: X``:
+graft-trio non-durable's best row (batches included: `propose_many` is part of its client API) over
+PySyncObj's defaults, one command per call.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 import attrs
@@ -55,8 +68,13 @@ WRITE_TIMEOUT = 5.0
 STARTUP_TIMEOUT = 30.0
 LEADER_TIMEOUT = 60.0
 # PySyncObj sends AppendEntries every 0.1 s, so it needs tens of thousands of commands outstanding to reach
-# its peak (about 60,000/s here); graft-trio peaks near 1000. Every system runs every window.
+# its peak (about 60,000/s here); graft-trio peaks near 1000. Every one-command-per-call row runs every window.
 DEFAULT_WINDOWS = (100, 1000, 10000, 30000)
+# The batched rows run windows of their own: with 100 commands per call, window 1000 is 10 calls outstanding,
+# and packed PySyncObj ships about `window` commands per 0.1 s up to hundreds of thousands of commands per
+# second, so it peaks only at window 300,000 or beyond; graft-trio admits 1,024 calls (`max_pending_proposals`,
+# 102,400 commands) at a time, and the calls beyond wait for room.
+DEFAULT_BATCH_WINDOWS = (30000, 100000, 300000, 1000000)
 
 
 class BenchmarkError(Exception):
@@ -65,15 +83,51 @@ class BenchmarkError(Exception):
 
 @attrs.frozen
 class System:
+    """One row of the report: a kind of cluster and how its client calls it."""
+
     label: str
     kind: str  # "graft" or "pysyncobj"
     durable: bool = False
+    batch: int = 1  # commands per call: above 1, graft-trio's `propose_many` or a packed PySyncObj call
+
+    @property
+    def cluster(self) -> tuple[str, bool]:
+        """The rows that share this are measured on the same three member processes."""
+        return self.kind, self.durable
 
 
 GRAFT_DURABLE = System("graft-trio durable", "graft", durable=True)
 GRAFT_NON_DURABLE = System("graft-trio non-durable", "graft", durable=False)
 PYSYNCOBJ = System("PySyncObj (defaults)", "pysyncobj")
-SYSTEMS = (GRAFT_DURABLE, GRAFT_NON_DURABLE, PYSYNCOBJ)
+DEFAULT_BATCH = 100
+
+
+def batched(system: System, batch: int) -> System:
+    """`system` with `batch` commands per call."""
+    if system.kind == "graft":
+        return attrs.evolve(system, label=f"{system.label}, batches of {batch}", batch=batch)
+    return attrs.evolve(system, label=f"PySyncObj, {batch} commands per call", batch=batch)
+
+
+def all_systems(batch: int) -> tuple[System, ...]:
+    """Every row, each batched one right after its one-command-per-call sibling (none when `batch` is 1)."""
+    systems: list[System] = []
+    for system in (GRAFT_DURABLE, GRAFT_NON_DURABLE, PYSYNCOBJ):
+        systems.append(system)
+        if batch > 1:
+            systems.append(batched(system, batch))
+    return tuple(systems)
+
+
+SYSTEM_CHOICES: dict[str, Callable[[System], bool]] = {
+    "all": lambda system: True,
+    "graft": lambda system: system.kind == "graft",
+    "graft-durable": lambda system: system.kind == "graft" and system.durable,
+    "graft-non-durable": lambda system: system.kind == "graft" and not system.durable,
+    "pysyncobj": lambda system: system.kind == "pysyncobj",
+    "non-durable": lambda system: not system.durable,  # what the ratio lines compare
+    "batched": lambda system: system.batch > 1,
+}
 
 
 @attrs.define
@@ -275,52 +329,73 @@ class Plan:
     seconds: float
     warmup: float
     windows: tuple[int, ...]
+    batch_windows: tuple[int, ...]
     serial: int
     failovers: int
 
+    def windows_for(self, system: System) -> tuple[int, ...]:
+        return self.windows if system.batch == 1 else self.batch_windows
 
-async def measure(system: System, plan: Plan, root: str, profile_dir: str | None) -> Result:
-    """Serial latency first (on a fresh cluster), then the failovers, then the load at each window.
+    def all_windows(self, systems: Iterable[System]) -> list[int]:
+        return sorted({window for system in systems for window in self.windows_for(system)})
 
-    The load runs last because a window a system cannot keep up with leaves a backlog behind it.
+
+async def measure(systems: Sequence[System], plan: Plan, root: str, profile_dir: str | None) -> list[Result]:
+    """The rows of one cluster, on one fresh set of three members: serial latency first, then the failovers
+    (both for the one-command-per-call row only: a batched row would repeat them), then each row's load at
+    each window.
+
+    The load runs last because a window a system cannot keep up with leaves a backlog behind it; the
+    one-command-per-call row's windows come first, so its figures are measured as if no batched row followed.
     """
-    result = Result(system)
-    cluster = Cluster(system, root, profile_dir)
+    results = [Result(system) for system in systems]
+    cluster = Cluster(systems[0], root, profile_dir)
     try:
         await cluster.start()
         leader = await cluster.wait_for_leader()
-        print(f"  {system.label}: members up, leader {leader}; {plan.serial} serial writes ...", flush=True)
-        serial = await cluster.members[leader].request(
-            {"op": "serial", "count": plan.serial, "timeout": WRITE_TIMEOUT},
-            timeout=plan.serial * WRITE_TIMEOUT + 60,
-        )
-        result.serial = [float(latency) for latency in serial["latencies"]]
-        result.serial_failed = int(serial["failed"])
-        for round_number in range(plan.failovers):
-            await failover(cluster, result)
-            print(
-                f"  {system.label}: failover {round_number + 1}/{plan.failovers}: {result.failovers[-1]:.3f} s",
-                flush=True,
-            )
-        for window in plan.windows:
-            leader = await cluster.wait_for_leader()
-            load = await cluster.members[leader].request(
-                {
-                    "op": "load",
-                    "window": window,
-                    "seconds": plan.seconds,
-                    "warmup": plan.warmup,
-                    "timeout": WRITE_TIMEOUT,
-                },
-                timeout=plan.warmup + plan.seconds + WRITE_TIMEOUT + 60,
-            )
-            result.throughput[window] = int(load["completed"]) / plan.seconds
-            result.load_failed += int(load["failed"])
-            result.load_lost += int(load["lost"])
-            print(f"  {system.label}: window {window}: {result.throughput[window]:,.0f} commands/s", flush=True)
+        print(f"  {cluster.system.label}: members up, leader {leader}", flush=True)
+        for result in results:
+            if result.system.batch == 1:
+                await measure_latencies(cluster, leader, plan, result)
+        for result in results:
+            await measure_throughput(cluster, plan, result)
     finally:
         await cluster.close()
-    return result
+    return results
+
+
+async def measure_latencies(cluster: Cluster, leader: str, plan: Plan, result: Result) -> None:
+    label = result.system.label
+    print(f"  {label}: {plan.serial} serial writes ...", flush=True)
+    serial = await cluster.members[leader].request(
+        {"op": "serial", "count": plan.serial, "timeout": WRITE_TIMEOUT},
+        timeout=plan.serial * WRITE_TIMEOUT + 60,
+    )
+    result.serial = [float(latency) for latency in serial["latencies"]]
+    result.serial_failed = int(serial["failed"])
+    for round_number in range(plan.failovers):
+        await failover(cluster, result)
+        print(f"  {label}: failover {round_number + 1}/{plan.failovers}: {result.failovers[-1]:.3f} s", flush=True)
+
+
+async def measure_throughput(cluster: Cluster, plan: Plan, result: Result) -> None:
+    for window in plan.windows_for(result.system):
+        leader = await cluster.wait_for_leader()
+        load = await cluster.members[leader].request(
+            {
+                "op": "load",
+                "window": window,
+                "seconds": plan.seconds,
+                "warmup": plan.warmup,
+                "timeout": WRITE_TIMEOUT,
+                "batch": result.system.batch,
+            },
+            timeout=plan.warmup + plan.seconds + WRITE_TIMEOUT + 60,
+        )
+        result.throughput[window] = int(load["completed"]) / plan.seconds
+        result.load_failed += int(load["failed"])
+        result.load_lost += int(load["lost"])
+        print(f"  {result.system.label}: window {window}: {result.throughput[window]:,.0f} commands/s", flush=True)
 
 
 async def failover(cluster: Cluster, result: Result) -> None:
@@ -368,45 +443,82 @@ def milliseconds(seconds: float) -> str:
 
 
 def print_report(results: dict[System, Result], windows: Sequence[int]) -> None:
+    width = max(len("system"), *(len(system.label) for system in results))
     print()
     print("throughput, commands/s, by window (commands kept outstanding by the client):")
-    print(f"{'system':<24} | " + " | ".join(f"{window:>8}" for window in windows) + f" | {'best':>8}")
+    print(f"{'system':<{width}} | " + " | ".join(f"{window:>8}" for window in windows) + f" | {'best':>8}")
     for result in results.values():
-        cells = " | ".join(f"{result.throughput.get(window, math.nan):>8,.0f}" for window in windows)
-        print(f"{result.system.label:<24} | {cells} | {result.best_throughput:>8,.0f}")
-    print()
-    print(f"{'system':<24} | {'serial p50 ms':>13} | {'serial p99 ms':>13} | {'failover median s':>17} | failovers s")
-    for result in results.values():
-        failovers = " ".join(f"{value:.2f}" for value in result.failovers) or "-"
-        median_text = "n/a" if math.isnan(result.failover_median) else f"{result.failover_median:.3f}"
-        print(
-            f"{result.system.label:<24} | {milliseconds(result.serial_percentile(50)):>13} "
-            f"| {milliseconds(result.serial_percentile(99)):>13} | {median_text:>17} | {failovers}"
+        cells = " | ".join(
+            f"{result.throughput[window]:>8,.0f}" if window in result.throughput else f"{'-':>8}" for window in windows
         )
+        print(f"{result.system.label:<{width}} | {cells} | {result.best_throughput:>8,.0f}")
+    # A batched row ran on its sibling's cluster, after the sibling's serial writes and failovers.
+    per_command = [result for result in results.values() if result.system.batch == 1]
+    if per_command:
+        width = max(len("system"), *(len(result.system.label) for result in per_command))
+        print()
+        print(
+            f"{'system':<{width}} | {'serial p50 ms':>13} | {'serial p99 ms':>13} | {'failover median s':>17} "
+            "| failovers s"
+        )
+        for result in per_command:
+            failovers = " ".join(f"{value:.2f}" for value in result.failovers) or "-"
+            median_text = "n/a" if math.isnan(result.failover_median) else f"{result.failover_median:.3f}"
+            print(
+                f"{result.system.label:<{width}} | {milliseconds(result.serial_percentile(50)):>13} "
+                f"| {milliseconds(result.serial_percentile(99)):>13} | {median_text:>17} | {failovers}"
+            )
     for result in results.values():
         if result.load_failed or result.load_lost or result.serial_failed:
             print(
                 f"{result.system.label}: {result.load_failed} failed and {result.load_lost} unanswered writes "
                 f"under load, {result.serial_failed} failed serial writes"
             )
-    durable, fast, reference = results.get(GRAFT_DURABLE), results.get(GRAFT_NON_DURABLE), results.get(PYSYNCOBJ)
+    graft = [result for result in results.values() if result.system.kind == "graft"]
+    durable = best_row(result for result in graft if result.system.durable)
+    fast = best_row(result for result in graft if not result.system.durable)
+    one_propose = results.get(GRAFT_NON_DURABLE)
+    reference = results.get(PYSYNCOBJ)
+    pysyncobj = [result for result in results.values() if result.system.kind == "pysyncobj"]
+    packed = next((result for result in pysyncobj if result.system.batch > 1), None)
     print()
-    print("targets (throughput: each system's best window):")
+    print(
+        "targets (throughput: each row's best window; graft-trio's better row of each durability, one propose "
+        "per command or batched, over PySyncObj (defaults)):"
+    )
     if fast is not None and reference is not None:
-        ratio = fast.best_throughput / reference.best_throughput
-        print(f"  graft-trio non-durable >= 3x PySyncObj throughput: {ratio:.2f}x, {verdict(ratio >= 3)}")
+        value = ratio(fast, reference)
+        print(
+            f"  graft-trio non-durable >= 3x PySyncObj throughput: {value:.2f}x "
+            f"({fast.system.label} over {reference.system.label}), {verdict(value >= 3)}"
+        )
     if durable is not None and reference is not None:
-        ratio = durable.best_throughput / reference.best_throughput
-        print(f"  graft-trio durable >= PySyncObj throughput: {ratio:.2f}x, {verdict(ratio >= 1)}")
-    if fast is not None:
-        p50 = fast.serial_percentile(50)
+        value = ratio(durable, reference)
+        print(
+            f"  graft-trio durable >= PySyncObj throughput: {value:.2f}x "
+            f"({durable.system.label} over {reference.system.label}), {verdict(value >= 1)}"
+        )
+    if one_propose is not None:
+        p50 = one_propose.serial_percentile(50)
         print(f"  graft-trio non-durable serial p50 <= 1 ms: {milliseconds(p50)} ms, {verdict(p50 <= 0.001)}")
-    for graft in (durable, fast):
-        if graft is not None and graft.failovers:
-            median = graft.failover_median
-            print(f"  {graft.system.label} median failover < 1 s: {median:.3f} s, {verdict(median < 1)}")
+    for result in per_command:
+        if result.system.kind == "graft" and result.failovers:
+            median = result.failover_median
+            print(f"  {result.system.label} median failover < 1 s: {median:.3f} s, {verdict(median < 1)}")
+    if one_propose is not None and reference is not None:
+        print(f"ratio_vs_pysyncobj_one_propose_per_command: {ratio(one_propose, reference):.2f}")
+    if fast is not None and packed is not None:
+        print(f"ratio_vs_pysyncobj_packed: {ratio(fast, packed):.2f}")
     if fast is not None and reference is not None:
-        print(f"ratio_vs_pysyncobj: {fast.best_throughput / reference.best_throughput:.2f}")
+        print(f"ratio_vs_pysyncobj: {ratio(fast, reference):.2f}")
+
+
+def best_row(results: Iterable[Result]) -> Result | None:
+    return max(results, key=lambda result: result.best_throughput, default=None)
+
+
+def ratio(numerator: Result, denominator: Result) -> float:
+    return numerator.best_throughput / denominator.best_throughput if denominator.best_throughput else math.nan
 
 
 def verdict(met: bool) -> str:
@@ -429,11 +541,15 @@ def tcp_transport_problem() -> str | None:
 
 
 async def run(plan: Plan, systems: Sequence[System], root: str, profile_dir: str | None) -> dict[System, Result]:
+    clusters: dict[tuple[str, bool], list[System]] = {}
+    for system in systems:
+        clusters.setdefault(system.cluster, []).append(system)
     results: dict[System, Result] = {}
-    for index, system in enumerate(systems):
-        directory = os.path.join(root, f"system-{index}")
+    for index, rows in enumerate(clusters.values()):
+        directory = os.path.join(root, f"cluster-{index}")
         os.makedirs(directory)
-        results[system] = await measure(system, plan, directory, profile_dir)
+        for result in await measure(rows, plan, directory, profile_dir):
+            results[result.system] = result
     return results
 
 
@@ -447,8 +563,27 @@ def parse_windows(text: str) -> tuple[int, ...]:
     return windows
 
 
+def parse_batch(text: str) -> int:
+    try:
+        batch = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if batch < 1:
+        raise argparse.ArgumentTypeError("the batch must be a positive integer")
+    return batch
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks raft", description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks raft",
+        description=__doc__.split("\n", 1)[0],
+        epilog="Rows: graft-trio durable and non-durable, one propose per command; the same clusters again with "
+        "propose_many batches of --batch commands; PySyncObj (defaults), one command per call; the same PySyncObj "
+        "cluster again with --batch commands packed into each call. The last line, ratio_vs_pysyncobj, is "
+        "graft-trio non-durable's best row over PySyncObj (defaults); the two lines before it have graft-trio's "
+        "one-propose-per-command row as numerator (_one_propose_per_command) or the packed PySyncObj row as "
+        "denominator (_packed).",
+    )
     parser.add_argument("--vs", required=True, choices=["pysyncobj"], help="the Raft library to compare with")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured load duration per window (5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="load before measuring starts (1)")
@@ -457,35 +592,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=parse_windows,
         default=DEFAULT_WINDOWS,
         help="commands kept outstanding by the client; a comma-separated list is measured window by window "
-        "and each system's best counts (default: " + ",".join(map(str, DEFAULT_WINDOWS)) + ")",
+        "and each row's best counts (default: " + ",".join(map(str, DEFAULT_WINDOWS)) + ")",
+    )
+    parser.add_argument(
+        "--batch",
+        type=parse_batch,
+        default=DEFAULT_BATCH,
+        help="commands per call in the batched rows: graft-trio's propose_many, PySyncObj's packed calls; "
+        f"1 leaves those rows out ({DEFAULT_BATCH})",
+    )
+    parser.add_argument(
+        "--batch-window",
+        type=parse_windows,
+        default=DEFAULT_BATCH_WINDOWS,
+        help="the batched rows' windows, still in commands outstanding (ceil(window / batch) calls) "
+        "(default: " + ",".join(map(str, DEFAULT_BATCH_WINDOWS)) + ")",
     )
     parser.add_argument("--serial", type=int, default=200, help="serial writes for the latency figures (200)")
-    parser.add_argument("--failovers", type=int, default=5, help="leader kills per system; the median is kept (5)")
+    parser.add_argument("--failovers", type=int, default=5, help="leader kills per cluster; the median is kept (5)")
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run: 1 s load at window 1000, 20 serial writes, 1 failover"
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 s load at window 1000 (batched rows: 30000), 20 serial writes, 1 failover",
     )
     parser.add_argument(
         "--systems",
         default="all",
-        choices=["all", "graft", "graft-durable", "graft-non-durable", "pysyncobj"],
-        help="measure only some systems (the ratio line needs both graft-trio non-durable and PySyncObj)",
+        choices=list(SYSTEM_CHOICES),
+        help="measure only some rows: graft-durable, graft-non-durable and pysyncobj each name a cluster (its "
+        "one-command-per-call row and its batched row), graft both graft-trio clusters, non-durable the "
+        "graft-trio non-durable and PySyncObj rows (what the ratio lines compare), batched the three batched "
+        "rows only (then without serial writes or failovers). The ratio_vs_pysyncobj line needs graft-trio "
+        "non-durable and PySyncObj (defaults)",
     )
     parser.add_argument("--profile", metavar="DIR", help="cProfile the graft-trio leaders' work into DIR")
     parser.add_argument("--dir", help="where the members' data and logs go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the data and logs afterwards")
     args = parser.parse_args(argv)
-    plan = Plan(args.seconds, args.warmup, args.window, args.serial, args.failovers)
+    plan = Plan(args.seconds, args.warmup, args.window, args.batch_window, args.serial, args.failovers)
     if args.quick:
-        plan = Plan(seconds=1.0, warmup=0.3, windows=(1000,), serial=20, failovers=1)
-    systems = {
-        "all": SYSTEMS,
-        "graft": (GRAFT_DURABLE, GRAFT_NON_DURABLE),
-        "graft-durable": (GRAFT_DURABLE,),
-        "graft-non-durable": (GRAFT_NON_DURABLE,),
-        "pysyncobj": (PYSYNCOBJ,),
-    }[args.systems]
+        plan = Plan(seconds=1.0, warmup=0.3, windows=(1000,), batch_windows=(30000,), serial=20, failovers=1)
+    systems = tuple(filter(SYSTEM_CHOICES[args.systems], all_systems(args.batch)))
+    if not systems:
+        print(f"--systems {args.systems} with --batch 1 leaves no row to measure", file=sys.stderr)
+        return 2
 
-    if PYSYNCOBJ in systems and importlib.util.find_spec("pysyncobj") is None:
+    if any(system.kind == "pysyncobj" for system in systems) and importlib.util.find_spec("pysyncobj") is None:
         print("pysyncobj is not installed; install it with: .venv/bin/pip install pysyncobj", file=sys.stderr)
         return 2
     if any(system.kind == "graft" for system in systems) and (problem := tcp_transport_problem()) is not None:
@@ -495,12 +647,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if profile_dir is not None:
         os.makedirs(profile_dir, exist_ok=True)
 
-    print("Raft vs PySyncObj: 3 member processes per system on loopback TCP, 100-byte commands")
+    print("Raft vs PySyncObj: 3 member processes per cluster on loopback TCP, 100-byte commands")
     print(describe_machine())
     print(
         f"load: windows {', '.join(map(str, plan.windows))}, each {plan.seconds:g} s measured after "
         f"{plan.warmup:g} s warm-up; "
-        f"{plan.serial} serial writes; {plan.failovers} failovers per system",
+        f"{plan.serial} serial writes; {plan.failovers} failovers per cluster; "
+        + (
+            f"batched rows: {args.batch} commands per call at windows {', '.join(map(str, plan.batch_windows))}"
+            if args.batch > 1
+            else "no batched rows"
+        ),
         flush=True,
     )
     root = tempfile.mkdtemp(prefix="graft-raft-bench-", dir=args.dir)
@@ -517,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"data and member logs kept in {root}", file=sys.stderr)
         else:
             shutil.rmtree(root, ignore_errors=True)
-    print_report(results, plan.windows)
+    print_report(results, plan.all_windows(results))
     if profile_dir is not None:
         print(f"profiles of the graft-trio leaders: {profile_dir}/*.prof.txt", file=sys.stderr)
     return 0

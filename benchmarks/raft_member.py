@@ -7,14 +7,18 @@ The member keeps its log in a `FileStorage` in `--data-dir`. With ``RaftConfig(d
 default) every batch the driver persists is fsynced before anything that depends on it leaves; with
 ``--non-durable`` (``RaftConfig(durable=False)``) the same files are written without fsync. The control
 channel is described in `benchmarks/raft_protocol.py`; the pipelined client runs in this process, as
-`window` trio tasks each awaiting `RaftNode.propose`. With `--profile FILE`, each `load` and `serial`
-request is profiled with cProfile (this member's main thread only, so not the storage's worker threads)
-into ``FILE-load-<window>.prof`` / ``FILE-serial.prof``, with a readable summary next to each (``.txt``).
+`window` trio tasks each awaiting `RaftNode.propose` or, for a `load` with ``"batch": B`` > 1,
+ceil(`window` / B) tasks each awaiting `RaftNode.propose_many` of B commands (one log entry per call).
+With `--profile FILE`, each `load` and `serial` request is profiled with cProfile (this member's main
+thread only, so not the storage's worker threads) into ``FILE-load-<window>.prof`` (with a batch,
+``FILE-load-<window>-batches-of-<B>.prof``) / ``FILE-serial.prof``, with a readable summary next to each
+(``.txt``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 import sys
 import time
@@ -78,7 +82,9 @@ class Member:
             "applied": status.applied_index,
         }
 
-    async def load(self, window: int, seconds: float, warmup: float, timeout: float) -> dict[str, Any]:
+    async def load(self, window: int, seconds: float, warmup: float, timeout: float, batch: int) -> dict[str, Any]:
+        """`window` commands outstanding: one `propose` per writer, or with `batch` > 1 one `propose_many` of
+        `batch` commands per writer, ceil(window / batch) writers. A call counts as `batch` commands."""
         start = time.perf_counter()
         count_from, end = start + warmup, start + warmup + seconds
         counts = {"completed": 0, "failed": 0}
@@ -86,18 +92,26 @@ class Member:
         async def writer(index: int) -> None:
             while time.perf_counter() < end:
                 try:
-                    await self.node.propose(self._next_command(index), timeout=timeout)
+                    if batch == 1:
+                        await self.node.propose(self._next_command(index), timeout=timeout)
+                    else:
+                        commands = [self._next_command(index) for _ in range(batch)]
+                        await self.node.propose_many(commands, timeout=timeout)
                     outcome = "completed"
                 except RaftError:
                     outcome = "failed"
                 now = time.perf_counter()
                 if count_from <= now < end:
-                    counts[outcome] += 1
+                    counts[outcome] += batch
 
-        with self._profiled(f"load-{window}"):
+        with self._profiled(f"load-{window}" if batch == 1 else f"load-{window}-batches-of-{batch}"):
             async with trio.open_nursery() as nursery:
-                for index in range(window):
+                for index in range(math.ceil(window / batch)):
                     nursery.start_soon(writer, index)
+                    if batch > 1:
+                        # Let each writer build its first batch before the next starts: all at once, they kept
+                        # the member's loop from running (no heartbeats) long enough for an election.
+                        await trio.lowlevel.checkpoint()
         return {**counts, "lost": 0}
 
     def _profiled(self, what: str) -> contextlib.AbstractContextManager[None]:
@@ -153,6 +167,7 @@ async def serve(member: Member) -> None:
                 float(request["seconds"]),
                 float(request["warmup"]),
                 float(request["timeout"]),
+                int(request.get("batch", 1)),
             )
         elif op == "serial":
             answer = await member.serial(int(request["count"]), float(request["timeout"]))

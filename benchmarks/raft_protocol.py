@@ -7,10 +7,13 @@ answers each request with one line, in order:
 
 - ``{"op": "status"}`` -> ``{"role": "leader" | "follower" | ..., "leader": <name or null>,
   "commit": <index>, "applied": <index>}``.
-- ``{"op": "load", "window": W, "seconds": S, "warmup": U, "timeout": T}`` -> the pipelined client, run in
-  this member's own process: `W` writers each keep one command outstanding (a new one as soon as the last
-  completed) for ``U + S`` seconds; answers ``{"completed": n, "failed": f, "lost": l}``, counting only the
-  completions that arrived in the last `S` seconds (the first `U` are warm-up).
+- ``{"op": "load", "window": W, "seconds": S, "warmup": U, "timeout": T, "batch": B}`` -> the pipelined
+  client, run in this member's own process: `W` writers each keep one command outstanding (a new one as
+  soon as the last completed) for ``U + S`` seconds; answers ``{"completed": n, "failed": f, "lost": l}``,
+  counting only the completions that arrived in the last `S` seconds (the first `U` are warm-up). With
+  `B` > 1 (it defaults to 1), ceil(W / B) writers each keep one call of `B` fresh commands outstanding
+  (graft-trio: `RaftNode.propose_many`; PySyncObj: the commands packed into one `@replicated` call), so
+  `W` is still the commands outstanding; a call counts as `B` commands, completed, failed or lost.
 - ``{"op": "serial", "count": n, "timeout": T}`` -> ``{"latencies": [seconds, ...], "failed": f}``: `n`
   writes, each sent once the previous one completed.
 - ``{"op": "write_until_ok", "interval": I, "attempt_timeout": T, "limit": L}`` -> ``{"ok": bool,

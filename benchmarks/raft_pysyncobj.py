@@ -7,11 +7,15 @@ file, nothing fsynced), one tick thread does all Raft work, and the leader sends
 every `appendEntriesPeriod` (0.1 s). The main thread serves the control channel described in
 `benchmarks/raft_protocol.py`. PySyncObj has no client protocol, so the pipelined client runs here, in the
 leader's process: every completion callback (called on the tick thread) issues the writer's next command.
+A `load` with ``"batch": B`` > 1 packs B commands into each call instead (`append_packed`, its argument
+a list of B commands, pickled by PySyncObj into one log entry), as a PySyncObj application could do
+itself; ceil(`window` / B) calls are kept outstanding and each completed call counts B commands.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import threading
 import time
@@ -43,6 +47,13 @@ class CountingObject(SyncObj):  # type: ignore[misc]  # PySyncObj has no type hi
         self.count += 1
         self.total_bytes += len(command)
 
+    @replicated  # type: ignore[untyped-decorator]
+    def append_packed(self, commands: list[bytes]) -> None:
+        """Several commands in one call (one log entry), applied as `append` would apply each in turn."""
+        for command in commands:
+            self.count += 1
+            self.total_bytes += len(command)
+
 
 class Member:
     def __init__(self, name: str, address: str, peers: dict[str, str]) -> None:
@@ -51,8 +62,13 @@ class Member:
         self.obj = CountingObject(address, list(peers.values()))
         self._sequence = itertools.count(1)  # next() is atomic: both threads take numbers
 
-    def _append(self, writer: int, callback: Callback) -> None:
-        self.obj.append(command_bytes(writer, next(self._sequence)), callback=callback)
+    def _append(self, writer: int, callback: Callback, batch: int = 1) -> None:
+        """One `append` call, or with `batch` > 1 one `append_packed` call of that many fresh commands."""
+        if batch == 1:
+            self.obj.append(command_bytes(writer, next(self._sequence)), callback=callback)
+        else:
+            commands = [command_bytes(writer, next(self._sequence)) for _ in range(batch)]
+            self.obj.append_packed(commands, callback=callback)
 
     def status(self) -> dict[str, Any]:
         for _ in range(10):
@@ -72,11 +88,14 @@ class Member:
             "applied": status["last_applied"],
         }
 
-    def load(self, window: int, seconds: float, warmup: float, timeout: float) -> dict[str, Any]:
+    def load(self, window: int, seconds: float, warmup: float, timeout: float, batch: int) -> dict[str, Any]:
+        """`window` commands outstanding: one per call, or with `batch` > 1 `batch` packed into each call,
+        ceil(window / batch) calls outstanding. A call counts as `batch` commands."""
         start = time.perf_counter()
         count_from, end = start + warmup, start + warmup + seconds
         lock = threading.Lock()  # callbacks run on the tick thread, but a QUEUE_FULL one runs on the caller's
-        counts = {"completed": 0, "failed": 0, "outstanding": window}
+        writers = math.ceil(window / batch)
+        counts = {"completed": 0, "failed": 0, "outstanding": writers}
         finished = threading.Event()
 
         def writer(index: int) -> Callback:
@@ -84,21 +103,22 @@ class Member:
                 now = time.perf_counter()
                 with lock:
                     if count_from <= now < end:
-                        counts["completed" if error == FAIL_REASON.SUCCESS else "failed"] += 1
+                        counts["completed" if error == FAIL_REASON.SUCCESS else "failed"] += batch
                     if now >= end:
                         counts["outstanding"] -= 1
                         if counts["outstanding"] == 0:
                             finished.set()
                         return
-                self._append(index, on_result)
+                self._append(index, on_result, batch)
 
             return on_result
 
-        for index in range(window):
-            self._append(index, writer(index))
+        for index in range(writers):
+            self._append(index, writer(index), batch)
         finished.wait(warmup + seconds + timeout)
         with lock:
-            return {"completed": counts["completed"], "failed": counts["failed"], "lost": counts["outstanding"]}
+            lost = counts["outstanding"] * batch
+            return {"completed": counts["completed"], "failed": counts["failed"], "lost": lost}
 
     def serial(self, count: int, timeout: float) -> dict[str, Any]:
         latencies: list[float] = []
@@ -143,7 +163,11 @@ def serve(member: Member) -> None:
             answer = member.status()
         elif op == "load":
             answer = member.load(
-                int(request["window"]), float(request["seconds"]), float(request["warmup"]), float(request["timeout"])
+                int(request["window"]),
+                float(request["seconds"]),
+                float(request["warmup"]),
+                float(request["timeout"]),
+                int(request.get("batch", 1)),
             )
         elif op == "serial":
             answer = member.serial(int(request["count"]), float(request["timeout"]))
