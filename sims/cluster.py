@@ -352,6 +352,10 @@ class Simulation:
     # --- the workload ----------------------------------------------------------------------------------
 
     async def client(self, client_id: int, stop: trio.Event) -> None:
+        """Issue operations through random live members until `stop`, recording each in the history: a get
+        (`node.read`), a put or append (`node.propose`), or a batch of two to four puts and appends
+        (`node.propose_many`), whose writes go into the history one by one, in the batch's order, sharing
+        its call and return time and numbered as one batch."""
         rng = random.Random(self.client_rng.getrandbits(64))
         sequence = 0
         clock = self.virtual_time
@@ -363,39 +367,59 @@ class Simulation:
             member = rng.choice(alive)
             node = member.node
             assert node is not None
-            key = f"k{rng.randrange(self.options.keys)}"
             roll = rng.random()
             sequence += 1
+            number = sequence
             call = clock.now()
-            if roll < 0.4:
-                kind, value, command = "get", None, b""
-            elif roll < 0.7:
-                value = f"c{client_id}.{sequence}"
-                kind, command = "put", kv.put(key, value)
+            get_key: str | None = None
+            # (kind, key, value) of each write: one for a put or append, two to four for a batch.
+            writes: list[tuple[str, str, str]] = []
+            if roll < GET_SHARE:
+                get_key = self._draw_key(rng)
             else:
-                value = f"[{client_id}.{sequence}]"
-                kind, command = "append", kv.append(key, value)
+                count = rng.randint(2, 4) if roll < GET_SHARE + BATCH_SHARE else 1
+                for position in range(count):
+                    if position:
+                        sequence += 1
+                    writes.append(self._draw_write(rng, client_id, sequence))
+            label = _describe_operation(get_key, writes)
             output: str | None = None
             ret: float | None = None
             try:
-                if kind == "get":
-                    output = (await node.read(kv.get(key), timeout=2.0)).decode()
+                if get_key is not None:
+                    output = (await node.read(kv.get(get_key), timeout=2.0)).decode()
+                elif len(writes) == 1:
+                    await node.propose(_write_command(writes[0]), timeout=2.0)
                 else:
-                    await node.propose(command, timeout=2.0)
+                    await node.propose_many([_write_command(write) for write in writes], timeout=2.0)
                 ret = clock.now()
             except (ProposalTimeout, NoQuorumError, NodeStoppedError, NotLeaderError) as exc:
-                self.trace.add("client", f"{client_id} {kind} {key} failed {type(exc).__name__}")
+                self.trace.add("client", f"{client_id} {label} failed {type(exc).__name__}")
             finally:
                 # A write whose outcome is unknown (failed, or still in flight when the run ends) may or
-                # may not have happened: it goes into the history as indeterminate.
-                if kind != "get" or ret is not None:
-                    self.history.append(Operation(client_id, key, kind, value, output, call, ret))
+                # may not have happened: it goes into the history as indeterminate, and so does every
+                # write of a batch, which happened all together or not at all.
+                if get_key is not None and ret is not None:
+                    self.history.append(Operation(client_id, get_key, "get", None, output, call, ret))
+                for position, (kind, key, value) in enumerate(writes):
+                    batch = (number, position) if len(writes) > 1 else None
+                    self.history.append(Operation(client_id, key, kind, value, None, call, ret, batch))
             if ret is not None:
-                self.trace.add("client", f"{client_id} {kind} {key} {value} -> {output} @{call:.6f}")
+                self.trace.add("client", f"{client_id} {label} -> {output} @{call:.6f}")
                 if self.heal_started is not None and call >= self.heal_started:
                     self.successes_after_heal[client_id] = self.successes_after_heal.get(client_id, 0) + 1
             think = rng.expovariate(1 / 0.1)
             await clock.sleep_until(clock.now() + think)
+
+    def _draw_key(self, rng: random.Random) -> str:
+        return f"k{rng.randrange(self.options.keys)}"
+
+    def _draw_write(self, rng: random.Random, client_id: int, sequence: int) -> tuple[str, str, str]:
+        """A put or an append, equally likely, of a value unique to this client and sequence number."""
+        key = self._draw_key(rng)
+        if rng.random() < 0.5:
+            return "put", key, f"c{client_id}.{sequence}"
+        return "append", key, f"[{client_id}.{sequence}]"
 
     # --- faults ------------------------------------------------------------------------------------------
 
@@ -568,6 +592,25 @@ class Simulation:
                     )
                 )
         return found
+
+
+# What the clients do: a share of their operations are gets, a share are batches (`propose_many`) of two to
+# four writes, and the rest single puts and appends.
+GET_SHARE = 0.35
+BATCH_SHARE = 0.15
+
+
+def _write_command(write: tuple[str, str, str]) -> bytes:
+    kind, key, value = write
+    return kv.put(key, value) if kind == "put" else kv.append(key, value)
+
+
+def _describe_operation(get_key: str | None, writes: list[tuple[str, str, str]]) -> str:
+    """For the trace: `get k0`, `put k1 c0.5`, or `batch append k1 [0.6], put k1 c0.7`."""
+    if get_key is not None:
+        return f"get {get_key}"
+    described = ", ".join(f"{kind} {key} {value}" for kind, key, value in writes)
+    return described if len(writes) == 1 else f"batch {described}"
 
 
 LIVENESS_GRACE_ELECTION_TIMEOUTS = 4  # how long the cluster may be between leaders when the heal phase ends

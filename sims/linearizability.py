@@ -19,10 +19,16 @@ Conventions:
   operation is linearized, any indeterminate ones still pending are taken never to have happened.
 - The key-value model reads an absent key as "" (a get's `output=None` means the same), and an
   indeterminate get says nothing about the state, so `check_history` drops it before searching.
+- Operations that carry the same client and `batch` number were submitted together and take effect
+  atomically (`RaftNode.propose_many`): within a partition they are linearized one right after another,
+  in the order of their positions, with no other operation between them, and all or none of them. Across
+  partitions nothing ties them together: a batch's writes to different keys are each checked on their
+  own key, so a reader that saw one key's write and not another's at the same time goes unnoticed.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Generic, Literal, Protocol, TypeVar
@@ -50,7 +56,9 @@ class Operation:
     """One client operation as the simulator observed it.
 
     `value` is the argument of a put or append; `output` is what a get returned. `ret=None` means the
-    client never saw a response, so the operation may or may not have taken effect.
+    client never saw a response, so the operation may or may not have taken effect. `batch` is set on
+    the operations a client submitted together as one atomic batch: (the client's number for the batch,
+    the operation's position in it).
     """
 
     client_id: int
@@ -60,6 +68,7 @@ class Operation:
     output: str | None
     call: float
     ret: float | None = attrs.field(validator=_check_return_time)
+    batch: tuple[int, int] | None = None
 
 
 StateT = TypeVar("StateT", bound=Hashable)
@@ -191,7 +200,7 @@ def check_operations(
     )
 
 
-def _order_key(op: Operation) -> tuple[float, int, float, str, bool, str, bool, str]:
+def _order_key(op: Operation) -> tuple[float, int, float, str, bool, str, bool, str, tuple[int, int]]:
     # Every field takes part, so the order (and with it the search and its report) does not depend on
     # the order the history was recorded in.
     return (
@@ -203,6 +212,7 @@ def _order_key(op: Operation) -> tuple[float, int, float, str, bool, str, bool, 
         op.value or "",
         op.output is None,
         op.output or "",
+        op.batch or (-1, -1),
     )
 
 
@@ -212,6 +222,11 @@ class _Search(Generic[StateT]):
     Events live in a doubly linked list of array slots (slot 0 is the head, -1 ends the list) so that
     linearizing an operation unlinks its call and return in O(1) and backtracking relinks them in
     reverse order, as in dancing links.
+
+    A batch's operations are chained (`batch_next`, `batch_previous`): once one is linearized, the next
+    one of its batch is the only candidate, and an operation that has a predecessor in its batch is never
+    a candidate otherwise. Which batch is half linearized follows from the set of linearized operations,
+    so the memoization on (set, state) stays sound.
     """
 
     def __init__(self, ops: Sequence[Operation], model: Model[StateT], max_steps: int) -> None:
@@ -248,6 +263,19 @@ class _Search(Generic[StateT]):
         self.next[slots - 1] = -1
         self.prev = [slot - 1 for slot in range(slots)]
 
+        self.batch_next = [-1] * count
+        self.batch_previous = [-1] * count
+        batches: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for index, op in enumerate(ops):
+            if op.batch is not None:
+                number, position = op.batch
+                batches.setdefault((op.client_id, number), []).append((position, index))
+        for members in batches.values():
+            members.sort()
+            for (_, earlier), (_, later) in itertools.pairwise(members):
+                self.batch_next[earlier] = later
+                self.batch_previous[later] = earlier
+
     def run(self) -> Status:
         ops = self.ops
         step = self.model.step
@@ -257,8 +285,13 @@ class _Search(Generic[StateT]):
         match = self.match
         next_ = self.next
         prev = self.prev
+        batch_next = self.batch_next
+        batch_previous = self.batch_previous
         bits = [1 << index for index in range(len(ops))]
         max_steps = self.max_steps
+        # The operation that must be linearized next, because the last one linearized is part of a batch
+        # that goes on; -1 when none must.
+        required = -1
 
         state = self.model.init()
         linearized = 0
@@ -276,6 +309,11 @@ class _Search(Generic[StateT]):
                 steps += 1
                 if slot_is_call[slot]:
                     index = slot_op[slot]
+                    # Not a candidate while a batch goes on, unless it is that batch's next operation, nor
+                    # when it would start a batch anywhere but at the batch's first operation.
+                    if index != required and (required >= 0 or batch_previous[index] >= 0):
+                        slot = next_[slot]
+                        continue
                     legal, new_state = step(state, ops[index])
                     if legal:
                         candidate = (linearized | bits[index], new_state)
@@ -284,6 +322,7 @@ class _Search(Generic[StateT]):
                             stack.append((slot, state))
                             state = new_state
                             linearized = candidate[0]
+                            required = batch_next[index]
                             # Unlink the call, then its return.
                             after = next_[slot]
                             next_[prev[slot]] = after
@@ -301,15 +340,18 @@ class _Search(Generic[StateT]):
                             continue
                     slot = next_[slot]
                     continue
-                if slot_is_open_return[slot]:
+                if slot_is_open_return[slot] and required < 0:
                     # Returns at +infinity come after every finite one, so reaching one means every
                     # completed operation is linearized; the pending indeterminate ones never happened.
+                    # (Not in the middle of a batch, though: the rest of it could not be placed, so the
+                    # batch cannot have happened at all.)
                     return "ok"
                 # Some operation returned here without being linearized: undo the last choice.
                 if not stack:
                     return "violation"
                 slot, state = stack.pop()
                 linearized &= ~bits[slot_op[slot]]
+                required = batch_next[slot_op[stack[-1][0]]] if stack else -1
                 # Relink the return, then the call: the exact reverse of unlinking.
                 ret_slot = match[slot]
                 next_[prev[ret_slot]] = ret_slot
@@ -374,4 +416,5 @@ def describe_operation(op: Operation) -> str:
     """A one-line rendering of `op` for reports, e.g. `client 2 get -> 'ab' [3, 4.5]`."""
     ret = "?" if op.ret is None else f"{op.ret:g}"
     action = f"get -> {op.output!r}" if op.kind == "get" else f"{op.kind} {op.value!r}"
-    return f"client {op.client_id} {action} [{op.call:g}, {ret}]"
+    batch = "" if op.batch is None else f" (batch {op.batch[0]} #{op.batch[1]})"
+    return f"client {op.client_id} {action}{batch} [{op.call:g}, {ret}]"

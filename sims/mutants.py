@@ -15,7 +15,10 @@ from typing import Any
 
 import attrs
 
+import graft_trio.raft.node as raft_node
+from graft_trio.raft.codec import decode_commands
 from graft_trio.raft.core import RaftCore, Ready
+from graft_trio.raft.messages import Entry, EntryKind
 from graft_trio.raft.node import RaftNode
 from graft_trio.state import commands as c
 from graft_trio.state import machine
@@ -26,7 +29,7 @@ from graft_trio.state.model import Claim, StepStatus, WorkflowStatus
 
 
 @contextmanager
-def _patched(owner: type, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+def _patched(owner: object, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
     original = owner.__dict__[name]
     setattr(owner, name, replacement)
     try:
@@ -83,6 +86,29 @@ def ack_before_sync() -> Iterator[None]:
         await self._maybe_snapshot(core)
 
     with _patched(RaftNode, "_process_ready", process_ready):
+        yield
+
+
+@contextmanager
+def batch_reversed() -> Iterator[None]:
+    """A member applies the commands of a batch (`propose_many`, a BATCH entry) last to first.
+
+    `RaftNode._apply_entry` splits a batch with the driver module's `decode_commands`; for the length of
+    each BATCH entry's application, that name returns the commands reversed (and the batch's results come
+    back in that order too)."""
+    original = RaftNode._apply_entry
+
+    def reversed_commands(blob: bytes) -> list[bytes]:
+        return decode_commands(blob)[::-1]
+
+    def apply_entry(self: RaftNode, entry: Entry) -> None:
+        if entry.kind is not EntryKind.BATCH:
+            original(self, entry)
+            return
+        with _patched(raft_node, "decode_commands", reversed_commands):
+            original(self, entry)
+
+    with _patched(RaftNode, "_apply_entry", apply_entry):
         yield
 
 
@@ -196,6 +222,7 @@ MUTANTS: dict[str, Callable[[], Any]] = {
     "forget-vote": forget_vote,
     "stale-read": stale_read,
     "ack-before-sync": ack_before_sync,
+    "batch-reversed": batch_reversed,
 }
 
 # Bugs of the workflow state machine, for the workflow workload (`--workload workflows`).

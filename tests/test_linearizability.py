@@ -141,6 +141,66 @@ def test_keys_are_independent() -> None:
     assert_ok([put(1, "a", 0, 10, key="x"), get(2, "", 11, 12, key="y"), get(2, "a", 13, 14, key="x")])
 
 
+# Batches (`propose_many`): writes submitted together take effect at one instant, in order, all or none.
+
+
+def batch(client: int, number: int, call: float, ret: float | None, *writes: tuple[str, str, str]) -> list[Operation]:
+    """The operations of one batch of (kind, value, key) writes, as the simulator's client records them."""
+    return [
+        Operation(client, key, kind, value, None, call, ret, (number, position))
+        for position, (kind, value, key) in enumerate(writes)
+    ]
+
+
+def test_a_batch_applies_its_writes_to_one_key_in_order() -> None:
+    writes = batch(1, 1, 0, 1, ("put", "x", "k"), ("append", "y", "k"))
+    assert_ok([*writes, get(2, "xy", 2, 3)])
+    # Applied last to first, the put would have overwritten the append.
+    assert_violation([*writes, get(2, "x", 2, 3)])
+    # The same writes, not batched, were concurrent: either order is linearizable.
+    assert_ok([put(1, "x", 0, 1), append(2, "y", 0, 1), get(3, "x", 2, 3)])
+
+
+def test_two_appends_of_a_batch_keep_their_order() -> None:
+    writes = batch(1, 1, 0, 1, ("append", "a", "k"), ("append", "b", "k"))
+    assert_ok([*writes, get(2, "ab", 2, 3)])
+    result = assert_violation([*writes, get(2, "ba", 2, 3)])
+    assert "(batch 1 #1)" in result.explanation  # the prefix quoted places the batch's second write
+
+
+def test_nothing_comes_between_the_writes_of_a_batch() -> None:
+    writes = batch(1, 1, 0, 10, ("append", "a", "k"), ("append", "b", "k"))
+    for seen in ("", "ab"):
+        assert_ok([*writes, get(2, seen, 2, 3)])
+    assert_violation([*writes, get(2, "a", 2, 3)])  # a read in the middle of the batch
+    assert_violation([*writes, append(2, "c", 2, 3), get(2, "acb", 11, 12)])
+
+
+def test_an_indeterminate_batch_takes_effect_all_or_none() -> None:
+    writes = batch(1, 1, 0, None, ("append", "a", "k"), ("append", "b", "k"))
+    for seen in ("", "ab"):
+        assert_ok([*writes, get(2, seen, 5, 6)])
+    assert_violation([*writes, get(2, "a", 5, 6)])
+    assert_violation([*writes, get(2, "b", 5, 6)])
+
+
+def test_a_batch_across_keys_is_checked_key_by_key() -> None:
+    writes = batch(1, 1, 0, 1, ("put", "x", "k"), ("append", "y", "j"), ("append", "z", "k"))
+    assert_ok([*writes, get(2, "xz", 2, 3), get(2, "y", 2, 3, key="j")])
+    assert_violation([*writes, get(2, "x", 2, 3), get(2, "y", 2, 3, key="j")])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the history is split by key, so a batch's writes to two keys are not checked for atomicity "
+    "(a weaker check, documented in docs/SIMULATION.md)",
+)
+def test_a_reader_seeing_half_of_a_batch_across_keys_is_a_violation() -> None:
+    # The first read sees the batch's write to k, so the batch is done; a later read misses its write to j.
+    writes = batch(1, 1, 0, 10, ("put", "x", "k"), ("put", "y", "j"))
+    assert_violation([*writes, get(2, "x", 2, 3), get(2, "", 4, 5, key="j")])
+
+
 # Known violations.
 
 
@@ -336,12 +396,25 @@ def linearizable_histories(draw: st.DrawFn) -> list[Operation]:
     history = []
     for number in range(count):
         key = draw(st.sampled_from(KEYS))
-        kind = draw(st.sampled_from(("get", "put", "append")))
+        kind = draw(st.sampled_from(("get", "put", "append", "batch")))
         point = 10 * number
         call = point - draw(st.integers(0, 25))
         indeterminate = draw(st.integers(0, 9)) == 0
         ret = None if indeterminate else point + draw(st.integers(0, 25))
         client = draw(st.integers(0, 4))
+        if kind == "batch":
+            # Two to four writes at one linearization point, applied in order; all of them or none.
+            writes = [
+                (draw(st.sampled_from(("put", "append"))), draw(st.sampled_from(KEYS)))
+                for _ in range(draw(st.integers(2, 4)))
+            ]
+            happened = not indeterminate or draw(st.booleans())
+            for position, (write, write_key) in enumerate(writes):
+                value = f"v{number}.{position};" if write == "put" else f"<{number}.{position}>"
+                if happened:
+                    states[write_key] = value if write == "put" else states[write_key] + value
+                history.append(Operation(client, write_key, write, value, None, call, ret, (number, position)))
+            continue
         if kind == "get":
             output = draw(st.sampled_from((None, "garbage"))) if indeterminate else states[key]
             history.append(Operation(client, key, kind, None, output, call, ret))
@@ -404,12 +477,16 @@ def brute_force_is_linearizable(history: Sequence[Operation]) -> bool:
     pending = [op for op in history if op.ret is None and op.kind != "get"]
     for size in range(len(pending) + 1):
         for chosen in itertools.combinations(pending, size):
+            if not whole_batches(chosen, pending):
+                continue
             for order in itertools.permutations([*completed, *chosen]):
                 if any(
                     (later.ret if later.ret is not None else math.inf) < earlier.call
                     for position, earlier in enumerate(order)
                     for later in order[position + 1 :]
                 ):
+                    continue
+                if not batches_in_one_piece(order):
                     continue
                 state = model.init()
                 for op in order:
@@ -421,21 +498,49 @@ def brute_force_is_linearizable(history: Sequence[Operation]) -> bool:
     return False
 
 
+def batch_key(op: Operation) -> tuple[int, int] | None:
+    return None if op.batch is None else (op.client_id, op.batch[0])
+
+
+def whole_batches(chosen: Sequence[Operation], pending: Sequence[Operation]) -> bool:
+    """Whether `chosen` takes every pending operation of each batch it takes one of."""
+    taken = {batch_key(op) for op in chosen} - {None}
+    return all(op in chosen for op in pending if batch_key(op) in taken)
+
+
+def batches_in_one_piece(order: Sequence[Operation]) -> bool:
+    """Whether each batch's operations come one right after another in `order`, by position."""
+    for position, op in enumerate(order):
+        if op.batch is not None and op.batch[1] > 0:
+            before = order[position - 1] if position else None
+            if before is None or batch_key(before) != batch_key(op) or before.batch != (op.batch[0], op.batch[1] - 1):
+                return False
+    return True
+
+
 @st.composite
 def small_arbitrary_histories(draw: st.DrawFn) -> list[Operation]:
     """Up to six operations on one key with random intervals and random read outputs from a small pool,
-    so that roughly half are linearizable."""
+    so that roughly half are linearizable. Some writes come in batches of two or three."""
     count = draw(st.integers(1, 6))
-    history = []
+    history: list[Operation] = []
     for number in range(count):
-        kind = draw(st.sampled_from(("get", "put", "append")))
+        kind = draw(st.sampled_from(("get", "put", "append", "batch")))
         call = draw(st.integers(0, 8))
         ret = None if draw(st.integers(0, 5)) == 0 else call + draw(st.integers(0, 4))
         if kind == "get":
             output = draw(st.sampled_from(("", "a", "b", "ab", "ba", "bb")))
             history.append(Operation(number, "k", kind, None, output, call, ret))
+        elif kind == "batch":
+            size = min(draw(st.integers(2, 3)), 6 - len(history))
+            for position in range(size):
+                write = draw(st.sampled_from(("put", "append")))
+                value = draw(st.sampled_from(("a", "b")))
+                history.append(Operation(number, "k", write, value, None, call, ret, (number, position)))
         else:
             history.append(Operation(number, "k", kind, draw(st.sampled_from(("a", "b"))), None, call, ret))
+        if len(history) >= 6:
+            break
     return history
 
 

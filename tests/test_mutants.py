@@ -16,8 +16,9 @@ from sims.mutants import MUTANTS
 
 CAUGHT = {
     "ack-before-sync": (20, "acknowledged-durability"),
+    "batch-reversed": (0, "linearizability"),
     "commit-old-term": (3, "leader-commit-rule"),
-    "forget-vote": (18, "vote-safety"),
+    "forget-vote": (24, "vote-safety"),
     "stale-read": (37, "linearizability"),
 }
 

@@ -71,7 +71,7 @@ def test_campaign_reports_its_tally() -> None:
 
 
 def test_failing_seed_replay_command_reproduces_the_failure() -> None:
-    # ack-before-sync is caught by seeds 6 and 18 of the first 30 on three members (at the time of writing);
+    # ack-before-sync is caught by seeds 2 and 6 of the first 30 on three members (at the time of writing);
     # thirty seeds leave room for the code under test to change which seeds catch it.
     completed = run_sims("run", "--seeds", "30", "--mutant", "ack-before-sync", "--nodes", str(NODES))
     assert completed.returncode == 1, completed.stdout + completed.stderr
