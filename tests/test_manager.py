@@ -1024,7 +1024,9 @@ async def test_a_light_load_is_spread_over_the_followers_not_left_to_the_leader(
     leader, ran_on = await run_one_at_a_time(leader_claim_delay=0.02)
     assert len(ran_on) == 9
     assert ran_on.count(leader) <= 3, ran_on  # (0 or 1 in practice; the margin is for scheduling details)
-    assert len(set(ran_on) - {leader}) == 2, ran_on  # both followers got work
+    # Which follower runs them is not up to the leader's wait: a follower that has just finished a step
+    # claims again at once (its last claim came back full), and that claim can reach the log right after
+    # the next workflow's start, so one follower may run them all (seen in a full-suite run).
     # Without the leader's wait its claims land first and it runs (nearly) everything: what this test guards.
     leader, ran_on = await run_one_at_a_time(leader_claim_delay=0.0)
     assert ran_on.count(leader) >= 6, ran_on
