@@ -7,6 +7,7 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -214,15 +215,35 @@ class VoteRecordingStorage(MemoryStorage):
             self.term_vote = (hard_state.term, hard_state.vote)
 
 
-async def test_a_non_durable_member_writes_its_vote_before_it_sends_it(
+async def test_a_non_durable_member_gathers_its_writes_for_write_behind_delay(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    storage = GatedStorage()  # never gated here: it only counts the saves
+    config = node_config(durable=False, write_behind_delay=1.0)
+    node = RaftNode("solo", "mem://solo", {}, state_machine=KeyValue(), storage=storage, config=config)
+    async with node:
+        await node.wait_for_leader()
+        await trio.sleep(2)
+        before = list(storage.saves)
+        for i in range(5):
+            await node.propose(put(f"k{i}", "v"))  # committed at once; the writes wait
+            await trio.sleep(0.1)
+        assert storage.saves == before
+        await trio.sleep(1)
+        assert storage.saves == [*before, 5]  # one save for the five
+
+
+@pytest.mark.parametrize("write_behind_delay", [0.0, 30.0])
+async def test_a_non_durable_member_writes_its_vote_before_it_sends_it(
+    autojump_clock: trio.testing.MockClock, write_behind_delay: float
+) -> None:
     """A vote is written (without fsync) before it is granted, so a member killed right after voting does
-    not vote again in that term when it restarts (which could elect two leaders)."""
+    not vote again in that term when it restarts (which could elect two leaders); and it is written at
+    once, not after the writer's `write_behind_delay`, or every election would wait for it."""
     granted: list[RequestVoteResponse] = []
     unwritten: list[RequestVoteResponse] = []
     async with trio.open_nursery() as nursery:
-        cluster = NodeCluster(nursery, config=node_config(durable=False))
+        cluster = NodeCluster(nursery, config=node_config(durable=False, write_behind_delay=write_behind_delay))
         storages = {node_id: VoteRecordingStorage() for node_id in ABC}
         cluster.storages.update(storages)
 

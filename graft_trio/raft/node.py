@@ -96,6 +96,11 @@ class RaftConfig:
     # durable=False: entries handed to the background writer and not yet written; beyond this the member's
     # loop waits for the writer (the disk sets the pace again instead of the backlog growing without bound)
     max_unwritten_entries: int = 65536
+    # durable=False: the background writer lets writes gather for this long before each save, unless the
+    # member waits for it (a new term or vote, a full queue). Fewer, larger saves; and a worker thread
+    # that wakes less often competes less with the commit path (serial write p50 on loopback, 3 processes
+    # on 2 CPUs: about 0.9 ms without, 0.7 ms with 5 ms). A crash loses the unwritten entries either way.
+    write_behind_delay: float = 0.005
 
     def core_config(self) -> CoreConfig:
         return CoreConfig(
@@ -434,6 +439,7 @@ class RaftNode:
         self._unwritten_entries = 0
         self._unwritten_added = trio.Event()  # set (and replaced) when `_unwritten` gains a write
         self._written = trio.Event()  # set (and replaced) each time the writer has written what it took
+        self._write_now = trio.Event()  # set when the member waits for the writer: no gathering then
         self._writer_failed = False
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -775,22 +781,29 @@ class RaftNode:
         self._unwritten_entries += len(entries)
         self._unwritten_added.set()
         while self._unwritten_entries > self.config.max_unwritten_entries:
+            self._write_now.set()
             await self._written.wait()
 
     async def _writer_loop(self) -> None:
         """durable=False: write what `_persist` and `_maybe_snapshot` handed over, in order, without fsync,
         each save in one hop to the storage (a `FileStorage` writes in a worker thread). Saves queued
-        while the previous ones were written go as one. What is still queued when the member stops is
+        within `write_behind_delay` of the first, or while the previous ones were written, go as one. What is still queued when the member stops is
         written then (`run`); a crash loses it, as it may lose any write that was not fsynced."""
         while True:
             if not self._unwritten:
                 await self._unwritten_added.wait()
                 self._unwritten_added = trio.Event()
+            delay = self.config.write_behind_delay
+            if delay > 0 and not self._write_now.is_set():
+                with trio.move_on_at(self.clock.trio_deadline(self.clock.now() + delay)):
+                    await self._write_now.wait()  # gather (`write_behind_delay`), unless asked to hurry
+            self._write_now = trio.Event()
             await self._write_unwritten()
 
     async def _wait_for_writer(self) -> None:
         """Return once everything handed to the writer so far is written."""
         while self._unwritten or self._writing:
+            self._write_now.set()
             await self._written.wait()
 
     async def _write_unwritten(self) -> None:
