@@ -787,8 +787,9 @@ class RaftNode:
     async def _writer_loop(self) -> None:
         """durable=False: write what `_persist` and `_maybe_snapshot` handed over, in order, without fsync,
         each save in one hop to the storage (a `FileStorage` writes in a worker thread). Saves queued
-        within `write_behind_delay` of the first, or while the previous ones were written, go as one. What is still queued when the member stops is
-        written then (`run`); a crash loses it, as it may lose any write that was not fsynced."""
+        within `write_behind_delay` of the first, or while the previous ones were written, go as one.
+        What is still queued when the member stops is written then (`run`); a crash loses it, as it may
+        lose any write that was not fsynced."""
         while True:
             if not self._unwritten:
                 await self._unwritten_added.wait()
