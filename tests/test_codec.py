@@ -15,6 +15,7 @@ from graft_trio.raft.messages import (
     MESSAGE_TYPES,
     AppendEntries,
     AppendEntriesResponse,
+    CommitNotice,
     Entry,
     EntryKind,
     ForwardBatch,
@@ -102,6 +103,9 @@ MESSAGE_STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         hint_term=terms,
     ),
     Heartbeat: st.builds(Heartbeat, source=node_ids, target=node_ids, term=terms, commit=indexes, read_context=u64),
+    CommitNotice: st.builds(
+        CommitNotice, source=node_ids, target=node_ids, term=terms, commit=indexes, read_context=u64
+    ),
     HeartbeatResponse: st.builds(HeartbeatResponse, source=node_ids, target=node_ids, term=terms, read_context=u64),
     InstallSnapshot: st.builds(
         InstallSnapshot,

@@ -21,8 +21,10 @@ from graft_trio.raft import (
 from graft_trio.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
+    CommitNotice,
     Entry,
     ForwardProposal,
+    Heartbeat,
     Message,
 )
 from graft_trio.raft.progress import ProgressState
@@ -588,3 +590,40 @@ def test_safety_holds_under_faults_membership_changes_transfers_and_compaction()
                 high = min(core.log.committed, other.log.committed)
                 for index in range(low, high + 1):
                     assert core.log.entry(index) == other.log.entry(index), (seed, index)
+
+
+def test_a_commit_reaches_caught_up_followers_as_a_notice_they_do_not_answer() -> None:
+    """A lone write costs six messages: the two appends, their answers, and two unanswered CommitNotices
+    (it was eight when the commit went out as empty AppendEntries, each answered)."""
+    c = CoreCluster(ABC)
+    c.elect("a")
+    c.delivered.clear()
+    index = c.propose("a", b"x")
+    assert index is not None and all(c[n].log.committed == index for n in ABC)
+    kinds = sorted(type(m).__name__ for m in c.delivered)
+    assert kinds == sorted(["AppendEntries", "AppendEntriesResponse", "CommitNotice"] * 2)
+    notices = [m for m in c.delivered if isinstance(m, CommitNotice)]
+    assert sorted(m.target for m in notices) == ["b", "c"] and all(m.commit == index for m in notices)
+
+
+def test_a_follower_with_entries_in_flight_gets_the_commit_once_it_has_them() -> None:
+    c = CoreCluster(ABC)
+    c.elect("a")
+    c.delivered.clear()
+    c.held.add(("c", "a"))  # c's answer is slow: b's commits the entry
+    index = c.propose("a", b"x")
+    assert index is not None and c["a"].log.committed == index and c["b"].log.committed == index
+    assert c["c"].log.committed < index and not c.queued(CommitNotice, target="c")
+    c.held.clear()
+    c.deliver()  # c's answer shows it has the entry: it is sent the commit index then
+    assert c["c"].log.committed == index
+    assert [m.commit for m in c.delivered if isinstance(m, CommitNotice) and m.target == "c"] == [index]
+
+
+def test_no_commit_notice_goes_out_while_nothing_commits() -> None:
+    c = CoreCluster(ABC)
+    a = c.elect("a")
+    c.propose("a", b"x")
+    c.delivered.clear()
+    c.tick(times=a.config.heartbeat_ticks * 3)  # heartbeats, nothing new to commit
+    assert not c.messages_of(CommitNotice) and c.messages_of(Heartbeat)

@@ -33,6 +33,7 @@ import attrs
 from graft_trio.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
+    CommitNotice,
     Entry,
     EntryKind,
     ForwardBatch,
@@ -387,6 +388,7 @@ _MESSAGE_LAYOUTS: tuple[_MessageLayout, ...] = (
         frozenset({"success"}),
     ),
     _MessageLayout(5, Heartbeat, ("term", "commit", "read_context"), struct.Struct("<QQQ")),
+    _MessageLayout(16, CommitNotice, ("term", "commit", "read_context"), struct.Struct("<QQQ")),
     _MessageLayout(6, HeartbeatResponse, ("term", "read_context"), struct.Struct("<QQ")),
     _MessageLayout(
         7,

@@ -25,6 +25,7 @@ from graft_trio.raft.log import RaftLog
 from graft_trio.raft.messages import (
     AppendEntries,
     AppendEntriesResponse,
+    CommitNotice,
     Entry,
     EntryKind,
     ForwardBatch,
@@ -604,10 +605,19 @@ class RaftCore:
             # A leader removed from the cluster steps down once its removal is committed (§4.2.2).
             self._become_follower(self.term, None)
             return
-        # Followers learn the new commit index promptly.
+        # Followers learn the new commit index promptly. One that was sent every entry and has yet to answer
+        # for some learns it with the CommitNotice its answer brings (`_handle_append_response`).
+        last = self.log.last_index
         for node_id in self.membership.ids:
             if node_id != self.id:
-                self._needs_send[node_id] = True
+                progress = self.progress.get(node_id)
+                awaiting_answer = (
+                    progress is not None
+                    and progress.state is ProgressState.REPLICATE
+                    and progress.match_index < last < progress.next_index
+                )
+                if not awaiting_answer:
+                    self._needs_send[node_id] = True
 
     def _send_append(self, node_id: str) -> None:
         progress = self.progress.get(node_id)
@@ -624,16 +634,21 @@ class RaftCore:
             self._send_snapshot_chunk(node_id, progress)
             return
         entries = self.log.slice(progress.next_index, self.log.last_index + 1, self.config.max_message_bytes)
+        committed = self.log.committed
         if not entries and progress.state is ProgressState.REPLICATE and prev_index == self.log.last_index:
-            # Nothing new: only the commit index may need to travel, and heartbeats carry that.
-            if progress.match_index < self.log.committed or progress.match_index == prev_index:
-                self._send(
-                    AppendEntries(self.id, node_id, self.term, prev_index, prev_term, (), self.log.committed)
-                )
+            # Nothing new: only the commit index may need to travel. To a follower known to have every
+            # entry it goes as a CommitNotice, which is not answered. To one with entries unanswered (sent
+            # after a heartbeat's answer), an empty AppendEntries: its answer shows whether they were lost.
+            if progress.match_index == prev_index:
+                if progress.commit_sent < committed:
+                    self._send(CommitNotice(self.id, node_id, self.term, committed))
+                    progress.commit_sent = committed
+            elif progress.match_index < committed:
+                self._send(AppendEntries(self.id, node_id, self.term, prev_index, prev_term, (), committed))
             return
-        self._send(
-            AppendEntries(self.id, node_id, self.term, prev_index, prev_term, tuple(entries), self.log.committed)
-        )
+        self._send(AppendEntries(self.id, node_id, self.term, prev_index, prev_term, tuple(entries), committed))
+        if progress.state is ProgressState.REPLICATE:
+            progress.commit_sent = max(progress.commit_sent, min(committed, prev_index + len(entries)))
         if entries:
             progress.sent_entries(entries[-1].index, sum(e.size() for e in entries))
         elif progress.state is ProgressState.PROBE:
@@ -777,7 +792,8 @@ class RaftCore:
             self.leader_id = message.source
             if message.commit <= self.log.last_index:
                 self.log.commit_to(message.commit)
-            self._send(HeartbeatResponse(self.id, message.source, self.term, message.read_context))
+            if not isinstance(message, CommitNotice):
+                self._send(HeartbeatResponse(self.id, message.source, self.term, message.read_context))
         elif isinstance(message, InstallSnapshot):
             self.election_elapsed = 0
             self.leader_id = message.source
@@ -909,8 +925,10 @@ class RaftCore:
             elif progress.state is ProgressState.SNAPSHOT and progress.match_index >= progress.snapshot_index:
                 progress.become_probe()
             progress.inflights.free_to(message.match_index)
-            if not self._maybe_commit() and progress.match_index < self.log.last_index:
-                self._needs_send[message.source] = True
+            if not self._maybe_commit() and (
+                progress.match_index < self.log.last_index or progress.commit_sent < self.log.committed
+            ):
+                self._needs_send[message.source] = True  # more entries, or the commit index (a CommitNotice)
             if message.source == self.transfer_target and progress.match_index == self.log.last_index:
                 self._send(TimeoutNow(self.id, message.source, self.term))
         elif progress.state is ProgressState.PROBE and progress.match_index < self.log.last_index:

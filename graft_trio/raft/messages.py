@@ -157,6 +157,13 @@ class Heartbeat:
 
 
 @attrs.frozen(slots=True)
+class CommitNotice(Heartbeat):
+    """A leader's new commit index, for a follower that already has every entry: what an empty
+    AppendEntries carried after each commit. Handled as a heartbeat, but not answered, since it asks
+    nothing: that halves the messages a lone write costs after it commits."""
+
+
+@attrs.frozen(slots=True)
 class HeartbeatResponse:
     source: str
     target: str
@@ -274,6 +281,7 @@ Message = (
     | AppendEntries
     | AppendEntriesResponse
     | Heartbeat
+    | CommitNotice
     | HeartbeatResponse
     | InstallSnapshot
     | InstallSnapshotResponse
@@ -302,4 +310,5 @@ MESSAGE_TYPES: tuple[type, ...] = (
     MembershipRequest,
     MembershipResponse,
     ForwardBatch,
+    CommitNotice,
 )

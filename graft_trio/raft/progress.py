@@ -63,6 +63,9 @@ class Progress:
     snapshot_offset: int = 0  # in SNAPSHOT: the next byte the follower asked for
     snapshot_sent: bool = False  # in SNAPSHOT: a chunk is awaiting its reply
     heartbeat_match: int = 0  # match_index at the previous stall check (once per election timeout)
+    # The commit index this follower can know from what was sent it in REPLICATE: an AppendEntries's commit
+    # up to its last entry, or a CommitNotice's. Reset when probing (what was sent may not have landed).
+    commit_sent: int = 0
 
     @property
     def snapshot_index(self) -> int:
@@ -84,6 +87,7 @@ class Progress:
         self.state = ProgressState.PROBE
         self.probe_sent = False
         self.snapshot = None
+        self.commit_sent = 0
         self.inflights.reset()
 
     def become_replicate(self) -> None:
