@@ -139,6 +139,7 @@ class Result:
     serial: list[float] = attrs.Factory(list)
     serial_failed: int = 0
     failovers: list[float] = attrs.Factory(list)
+    gave_up: str | None = None  # why the row's later windows were not measured (the cluster lost its leader)
 
     def serial_percentile(self, percent: int) -> float:
         if len(self.serial) < 2:
@@ -379,8 +380,16 @@ async def measure_latencies(cluster: Cluster, leader: str, plan: Plan, result: R
 
 
 async def measure_throughput(cluster: Cluster, plan: Plan, result: Result) -> None:
+    """Each window in turn. A cluster that has no agreed leader after a window (the load it could not keep up
+    with outlasted the election timeouts) ends the row there: the windows measured so far stand, and the
+    report says where it stopped, instead of the whole run failing."""
     for window in plan.windows_for(result.system):
-        leader = await cluster.wait_for_leader()
+        try:
+            leader = await cluster.wait_for_leader()
+        except BenchmarkError as error:
+            result.gave_up = f"stopped before window {window}: {error}"
+            print(f"  {result.system.label}: {result.gave_up}", flush=True)
+            return
         load = await cluster.members[leader].request(
             {
                 "op": "load",
@@ -469,6 +478,8 @@ def print_report(results: dict[System, Result], windows: Sequence[int]) -> None:
                 f"| {milliseconds(result.serial_percentile(99)):>13} | {median_text:>17} | {failovers}"
             )
     for result in results.values():
+        if result.gave_up is not None:
+            print(f"{result.system.label}: {result.gave_up}")
         if result.load_failed or result.load_lost or result.serial_failed:
             print(
                 f"{result.system.label}: {result.load_failed} failed and {result.load_lost} unanswered writes "
