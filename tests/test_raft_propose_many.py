@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import trio
 import trio.testing
@@ -11,6 +13,8 @@ from graft_trio.raft.codec import decode_commands, encode_commands
 from graft_trio.raft.messages import ForwardBatch, ForwardProposal
 from tests.kv import append, put
 from tests.raft_cluster import CoreCluster, NodeCluster, node_config, open_node_cluster
+from tests.test_raft_node import _TimeLog
+from transports.memory import MemoryNetwork, MemoryTransport
 
 ABC = ["a", "b", "c"]
 
@@ -163,3 +167,40 @@ def test_the_core_proposes_only_commands_and_batches_within_max_entry_bytes() ->
     with pytest.raises(ProposalTooLarge):
         solo.propose(b"x" * 100, "")
     assert solo.propose(b"x" * 50, "") is not None
+
+
+async def test_a_proposal_at_the_limit_is_not_refused_for_what_the_leaders_stamp_adds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`max_entry_bytes` bounds a proposal as made. Checked after the leader's `stamp` (which writes a longer
+    time into these commands), a proposal the proposer had let through raised inside the leader's loop and
+    stopped it, or was dropped from a follower until its proposer timed out."""
+    network = MemoryNetwork()
+    ids = ["a", "b", "c"]
+    config = node_config(max_entry_bytes=1000)
+    nodes = {
+        node_id: RaftNode(
+            node_id,
+            node_id,
+            {p: p for p in ids if p != node_id},
+            state_machine=_TimeLog(),
+            transport=MemoryTransport(network),
+            config=config,
+            rng=random.Random(index),
+        )
+        for index, node_id in enumerate(ids)
+    }
+    async with nodes["a"], nodes["b"], nodes["c"]:
+        leader_id = await nodes["a"].wait_for_leader()
+        await trio.sleep(100)  # "100.x" is longer than the "-1.0" each command is proposed with
+        for node in (nodes[leader_id], *(n for n in nodes.values() if n.node_id != leader_id)):
+            request_id = f"r-{node.node_id}"
+            single = b"-1.0|" + b"x" * (1000 - 24 - len(request_id) - len(b"-1.0|"))
+            assert len(single) + len(request_id) + 24 == 1000  # exactly at the limit
+            result = await node.propose(single, request_id=request_id, timeout=5)
+            assert result.startswith(b"100") and result.endswith(b"x")
+            batch = [b"-1.0|" + b"x" * 9] * 40  # 40 x (14 + 4) + 4 + the request id: under 1000 before stamping
+            assert len(await node.propose_many(batch, timeout=5)) == 40
+        with pytest.raises(ProposalTooLarge):
+            await nodes[leader_id].propose(single + b"x", request_id="r-z")
+        assert all(node.status().role in ("leader", "follower") for node in nodes.values())

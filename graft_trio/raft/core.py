@@ -112,6 +112,11 @@ def _unchanged(data: bytes) -> bytes:
     return data
 
 
+def proposal_size(data: bytes, request_id: str) -> int:
+    """What `max_entry_bytes` bounds: the size of the entry a proposal makes (`Entry.size`), unstamped."""
+    return len(data) + len(request_id) + 24
+
+
 class RaftCore:
     def __init__(
         self,
@@ -220,18 +225,20 @@ class RaftCore:
         returning its index, or forward it to the leader (None).
 
         Raises NotLeaderError when no leader is known or a leadership transfer is under way, and
-        ProposalTooLarge for an entry over `max_entry_bytes`. A batch's encoding is the driver's to get
+        ProposalTooLarge for a proposal whose entry would be over `max_entry_bytes` as proposed (stamping
+        may add a few bytes, which the frame limit leaves room for: the proposer checked the same size, so
+        the leader never refuses what the proposer let through). A batch's encoding is the driver's to get
         right; the leader checks it only when the batch comes from another member.
         """
         if kind is not EntryKind.NORMAL and kind is not EntryKind.BATCH:
             raise ValueError(f"{kind.name} entries are not proposed as commands")
+        size = proposal_size(data, request_id)
+        if size > self.config.max_entry_bytes:
+            raise ProposalTooLarge(f"a proposal of {size} bytes, over max_entry_bytes ({self.config.max_entry_bytes})")
         if self.role is Role.LEADER:
             if self.transfer_target is not None:
                 raise NotLeaderError("leadership transfer in progress", self.transfer_target)
-            entry = self._new_command_entry(data, request_id, kind, check=False)
-            if entry.size() > self.config.max_entry_bytes:
-                raise ProposalTooLarge(f"an entry of {entry.size()} bytes, over max_entry_bytes")
-            return self._append_new(entry)
+            return self._append_new(self._new_command_entry(data, request_id, kind, check=False))
         if self.leader_id is None or self.leader_id == self.id:
             raise NotLeaderError("no leader known", None)
         forward = ForwardBatch if kind is EntryKind.BATCH else ForwardProposal
@@ -892,13 +899,15 @@ class RaftCore:
         elif isinstance(message, ForwardProposal) and self.membership.get(message.source) is not None:
             # Only from members: a member removed from the cluster but still running (its engine claiming
             # steps, say) must not keep writing to the log.
-            if self.transfer_target is None:
+            # A proposal over max_entry_bytes (its proposer has a larger limit) or a batch that is not one
+            # is dropped: its proposer times out, and nothing is appended.
+            fits = proposal_size(message.data, message.request_id) <= self.config.max_entry_bytes
+            if self.transfer_target is None and fits:
                 try:
                     entry = self._new_command_entry(message.data, message.request_id, message.kind)
                 except CodecError:
-                    return  # not a batch: the proposer times out, and nothing is appended
-                if entry.size() <= self.config.max_entry_bytes:  # else its proposer times out
-                    self._append_new(entry)
+                    return
+                self._append_new(entry)
         elif isinstance(message, ReadIndexRequest) and self.membership.get(message.source) is not None:
             self._leader_read(message.source, message.context)
 

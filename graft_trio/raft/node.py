@@ -35,7 +35,7 @@ import trio
 from graft_trio._service import start_service
 from graft_trio.clock import Clock, TrioClock
 from graft_trio.raft.codec import decode_commands, encode_commands
-from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role
+from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role, proposal_size
 from graft_trio.raft.errors import (
     MembershipChangeError,
     NodeStoppedError,
@@ -601,8 +601,12 @@ class RaftNode:
         if core.leader_id is None:
             return
         for request_id, waiter in self._waiters.items():
-            with contextlib.suppress(NotLeaderError):
+            try:
                 waiter.submit_proposal(core, request_id)
+            except NotLeaderError:
+                pass
+            except ProposalTooLarge as exc:  # this member's limit was changed under it: refuse, do not stop
+                waiter.fail(exc)
         for context, (waiter, _) in self._read_waiters.items():
             if not waiter.done:
                 with contextlib.suppress(NotLeaderError):
@@ -899,7 +903,7 @@ class RaftNode:
                 request_id, waiter = request
                 try:
                     waiter.submit_proposal(core, request_id)
-                except NotLeaderError as exc:
+                except (NotLeaderError, ProposalTooLarge) as exc:
                     waiter.fail(exc)
             else:
                 request()
@@ -1044,7 +1048,7 @@ class RaftNode:
         cached = self._dedup.get(request_id)
         if cached is not None:
             return cached
-        size = Entry(0, 0, kind, data, request_id).size()
+        size = proposal_size(data, request_id)
         if size > self.config.max_entry_bytes:
             raise ProposalTooLarge(f"a proposal of {size} bytes, over max_entry_bytes ({self.config.max_entry_bytes})")
         self._check_running()
