@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 
+import attrs
 import pytest
 
 from graft_trio.raft import (
@@ -627,3 +629,45 @@ def test_no_commit_notice_goes_out_while_nothing_commits() -> None:
     c.delivered.clear()
     c.tick(times=a.config.heartbeat_ticks * 3)  # heartbeats, nothing new to commit
     assert not c.messages_of(CommitNotice) and c.messages_of(Heartbeat)
+
+
+def lost_truncation(durable_log: bool) -> CoreCluster:
+    """Member c acknowledges the new leader's entries, which replace its old uncommitted ones, but the write
+    is lost (durable=False) and c restarts with the old ones; then the commit index reaches it in a
+    heartbeat-like message that checks no log (a CommitNotice)."""
+    five = ["a", "b", "c", "d", "e"]
+    c = CoreCluster(five, config=CoreConfig(durable_log=durable_log))
+    a = c.elect("a")
+    c.partition(["a", "c"], ["b", "d", "e"])
+    for i in range(3):
+        c.propose("a", b"old%d" % i)  # on a and c only: never committed
+    before = copy.deepcopy(c.disks["c"])
+    c.heal()
+    c.isolate("a")
+    for node_id in "cde":
+        c[node_id].election_elapsed = c.config.election_ticks
+    b = c.elect("b")
+    assert a.term < b.term
+    c.held |= {("d", "b"), ("e", "b")}
+    c.propose("b", b"new")  # c takes b's entries in place of its old ones and answers
+    assert b.progress["c"].match_index == b.log.last_index
+    term_and_vote = c.disks["c"].hard_state  # written before it answered, as the driver does
+    c.crash("c")
+    c.disks["c"] = before  # ... but not the entries
+    c.disks["c"].hard_state = attrs.evolve(term_and_vote, commit=before.hard_state.commit)
+    c.restart("c")
+    c.held.clear()
+    c.deliver()  # d and e answer: b commits, and tells c with a CommitNotice
+    return c
+
+
+def test_a_member_that_may_lose_acknowledged_writes_trusts_a_commit_index_only_where_its_log_was_checked() -> None:
+    with pytest.raises(SafetyViolation):  # trusting the CommitNotice, c applies its old entry at index 3
+        lost_truncation(durable_log=True)
+    c = lost_truncation(durable_log=False)  # what RaftConfig(durable=False) builds
+    assert c["c"].log.committed < c["b"].log.committed
+    # b's next AppendEntries finds c's log different below what c had answered for: b probes c again from
+    # below (before, it ignored such rejections and never repaired c, or resent forever), and c catches up.
+    c.propose("b", b"next")
+    assert c["c"].log.committed == c["b"].log.committed
+    assert [e.data for e in c.applied_entries["c"]] == [e.data for e in c.applied_entries["b"]]

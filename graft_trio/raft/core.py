@@ -65,6 +65,10 @@ class CoreConfig:
     max_inflight_bytes: int = 8 * 1024 * 1024
     max_message_bytes: int = 1024 * 1024  # entries per AppendEntries stop once this is exceeded
     max_entry_bytes: int = 1024 * 1024  # the largest entry a proposal may make (`Entry.size`)
+    # False (RaftConfig.durable=False): this member may have lost entries it acknowledged, so a commit index
+    # from a heartbeat or CommitNotice is trusted only up to what an AppendEntries of this term showed to
+    # match the leader's log in this life of the member (a lost write could have left an older entry there).
+    durable_log: bool = True
     snapshot_chunk_bytes: int = 512 * 1024
 
     def __attrs_post_init__(self) -> None:
@@ -141,6 +145,10 @@ class RaftCore:
         self.term = hard_state.term
         self.vote = hard_state.vote
         self.leader_id: str | None = None
+        # With durable_log=False: the highest index an AppendEntries of term `_verified_term` showed to match
+        # the leader's log since this core started (a heartbeat's commit index is trusted only up to it).
+        self._verified_term = 0
+        self._verified_index = 0
         self.role = Role.FOLLOWER
         self.votes: dict[str, bool] = {}
         self.progress: dict[str, Progress] = {}
@@ -797,8 +805,11 @@ class RaftCore:
         elif isinstance(message, Heartbeat):
             self.election_elapsed = 0
             self.leader_id = message.source
-            if message.commit <= self.log.last_index:
-                self.log.commit_to(message.commit)
+            commit = message.commit
+            if not self.config.durable_log:
+                commit = min(commit, self._verified_index if self._verified_term == self.term else 0)
+            if commit <= self.log.last_index:
+                self.log.commit_to(commit)
             if not isinstance(message, CommitNotice):
                 self._send(HeartbeatResponse(self.id, message.source, self.term, message.read_context))
         elif isinstance(message, InstallSnapshot):
@@ -819,6 +830,7 @@ class RaftCore:
         if message.prev_log_index < committed:
             # Everything up to our commit index matches the leader already (Leader Completeness).
             if message.prev_log_index + len(message.entries) <= committed:
+                self._verified_through(committed)
                 self._send(AppendEntriesResponse(self.id, message.source, self.term, True, committed))
                 return
             skip = committed - message.prev_log_index
@@ -834,6 +846,7 @@ class RaftCore:
             message.prev_log_index, message.prev_log_term, message.leader_commit, message.entries
         )
         if last_new is not None:
+            self._verified_through(last_new)
             self._send(AppendEntriesResponse(self.id, message.source, self.term, True, last_new))
             return
         hint_index, hint_term = self.log.find_conflict_by_term(
@@ -851,6 +864,12 @@ class RaftCore:
                 hint_term=hint_term,
             )
         )
+
+    def _verified_through(self, index: int) -> None:
+        """An AppendEntries of this term showed our log to match the leader's up to `index`."""
+        if self._verified_term != self.term:
+            self._verified_term, self._verified_index = self.term, 0
+        self._verified_index = max(self._verified_index, index)
 
     def _handle_snapshot_chunk(self, message: InstallSnapshot) -> None:
         meta = message.meta
@@ -878,6 +897,7 @@ class RaftCore:
         self._applying = max(self._applying, meta.index)
         self.snapshot = snapshot
         self._received_snapshot = (snapshot, not kept)
+        self._verified_through(meta.index)
         self._send(InstallSnapshotResponse(self.id, message.source, self.term, meta.index, len(buffer), True))
 
     def _step_leader(self, message: Message) -> None:
@@ -921,6 +941,14 @@ class RaftCore:
             if message.hint_term > 0:
                 next_probe, _ = self.log.find_conflict_by_term(message.hint_index, message.hint_term)
             if progress.state is ProgressState.SNAPSHOT:
+                return
+            if not self.config.durable_log and message.rejected_index <= progress.match_index:
+                # A member that may lose acknowledged writes (durable=False) lost some: it no longer has
+                # what it answered for. Probe it again from below; otherwise the leader trusts the old
+                # answer, ignores every rejection at or below it, and never repairs that member.
+                progress.match_index = max(0, min(message.rejected_index - 1, next_probe))
+                progress.become_probe()
+                self._needs_send[message.source] = True
                 return
             if progress.maybe_decrease_to(message.rejected_index, next_probe):
                 if progress.state is ProgressState.REPLICATE:

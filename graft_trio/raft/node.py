@@ -112,6 +112,7 @@ class RaftConfig:
             max_inflight_bytes=self.max_inflight_bytes,
             max_message_bytes=self.max_message_bytes,
             max_entry_bytes=self.max_entry_bytes,
+            durable_log=self.durable,
             snapshot_chunk_bytes=self.snapshot_chunk_bytes,
         )
 
