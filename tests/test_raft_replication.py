@@ -664,10 +664,26 @@ def lost_truncation(durable_log: bool) -> CoreCluster:
 def test_a_member_that_may_lose_acknowledged_writes_trusts_a_commit_index_only_where_its_log_was_checked() -> None:
     with pytest.raises(SafetyViolation):  # trusting the CommitNotice, c applies its old entry at index 3
         lost_truncation(durable_log=True)
-    c = lost_truncation(durable_log=False)  # what RaftConfig(durable=False) builds
-    assert c["c"].log.committed < c["b"].log.committed
-    # b's next AppendEntries finds c's log different below what c had answered for: b probes c again from
-    # below (before, it ignored such rejections and never repaired c, or resent forever), and c catches up.
-    c.propose("b", b"next")
+    # What RaftConfig(durable=False) builds: c does not trust the notice, asks b to check its log (a
+    # rejection below the match b knows), and b probes it again from below and repairs it (before, b
+    # ignored such rejections, and a probe that found c's log different was resent forever).
+    c = lost_truncation(durable_log=False)
     assert c["c"].log.committed == c["b"].log.committed
     assert [e.data for e in c.applied_entries["c"]] == [e.data for e in c.applied_entries["b"]]
+    c.propose("b", b"next")
+    assert [e.data for e in c.applied_entries["c"]] == [e.data for e in c.applied_entries["b"]]
+
+
+def test_a_restarted_member_that_may_lose_writes_asks_to_be_checked_and_catches_up_while_idle() -> None:
+    """With nothing new to send, only heartbeats reach it: without its rejection asking for a probe, it
+    would not trust their commit index until the next write."""
+    c = CoreCluster(ABC, config=CoreConfig(durable_log=False))
+    a = c.elect("a")
+    for i in range(3):
+        c.propose("a", b"x%d" % i)
+    c.crash("c")
+    c.disks["c"].hard_state = attrs.evolve(c.disks["c"].hard_state, commit=2)  # its last commits unwritten
+    c.restart("c")
+    c.tick(times=c.config.heartbeat_ticks)
+    assert c["c"].log.committed == a.log.committed
+    assert [e.data for e in c.applied_entries["c"]] == [e.data for e in c.applied_entries["a"]]

@@ -808,6 +808,15 @@ class RaftCore:
             commit = message.commit
             if not self.config.durable_log:
                 commit = min(commit, self._verified_index if self._verified_term == self.term else 0)
+                if commit < message.commit and message.commit > self.log.committed:
+                    # Ask the leader to check our log (it has not in this life of ours): a rejection at
+                    # or below the match it knows makes it probe us again (`_handle_append_response`).
+                    self._send(
+                        AppendEntriesResponse(
+                            self.id, message.source, self.term, False, 0,
+                            rejected_index=message.commit, hint_index=min(message.commit, self.log.last_index),
+                        )
+                    )
             if commit <= self.log.last_index:
                 self.log.commit_to(commit)
             if not isinstance(message, CommitNotice):
