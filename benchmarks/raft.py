@@ -58,6 +58,7 @@ from typing import Any, TextIO
 import attrs
 import trio
 
+from benchmarks._args import positive_int
 from benchmarks.raft_protocol import decode_line, encode_line, format_peers
 
 NAMES = ("n1", "n2", "n3")
@@ -574,16 +575,6 @@ def parse_windows(text: str) -> tuple[int, ...]:
     return windows
 
 
-def parse_batch(text: str) -> int:
-    try:
-        batch = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if batch < 1:
-        raise argparse.ArgumentTypeError("the batch must be a positive integer")
-    return batch
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks raft",
@@ -607,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--batch",
-        type=parse_batch,
+        type=positive_int,
         default=DEFAULT_BATCH,
         help="commands per call in the batched rows: graft-trio's propose_many, PySyncObj's packed calls; "
         f"1 leaves those rows out ({DEFAULT_BATCH})",

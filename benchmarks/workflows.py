@@ -61,6 +61,7 @@ import attrs
 import trio
 
 import graft_trio as graft
+from benchmarks._args import positive_int
 from benchmarks.raft import BenchmarkError, MemberProcess, free_port
 from benchmarks.raft_protocol import (
     format_peers,
@@ -500,20 +501,12 @@ def report(results: list[SizeResult], plan: Plan) -> None:
         print(f"one_step_workflows_per_s_3_members: {three.throughput[1].per_second:.0f}")
 
 
-def positive(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (a run of no workflows has no rate to report)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks workflows", description=__doc__.split("\n")[0])
-    parser.add_argument("--workflows", type=positive, default=5000, help="one-step workflows per throughput run")
-    parser.add_argument("--five-step-workflows", type=positive, default=1500, help="five-step workflows per run")
-    parser.add_argument("--window", type=positive, default=200, help="workflows in flight, over all members")
-    parser.add_argument("--serial", type=positive, default=200, help="workflows for the latency, of each kind")
+    parser.add_argument("--workflows", type=positive_int, default=5000, help="one-step workflows per throughput run")
+    parser.add_argument("--five-step-workflows", type=positive_int, default=1500, help="five-step workflows per run")
+    parser.add_argument("--window", type=positive_int, default=200, help="workflows in flight, over all members")
+    parser.add_argument("--serial", type=positive_int, default=200, help="workflows for the latency, of each kind")
     parser.add_argument("--members", default="1,3", help="cluster sizes, comma-separated (1 to 3)")
     parser.add_argument("--claim-batch", type=int, default=None, help="Manager(claim_batch=...); default: its default")
     parser.add_argument(
