@@ -23,6 +23,7 @@ from graft_trio.raft.codec import CodecError, check_commands, decode_commands, e
 from graft_trio.raft.errors import MembershipChangeError, NotLeaderError, ProposalTooLarge
 from graft_trio.raft.log import RaftLog
 from graft_trio.raft.messages import (
+    ENTRY_OVERHEAD_BYTES,
     AppendEntries,
     AppendEntriesResponse,
     CommitNotice,
@@ -118,7 +119,14 @@ def _unchanged(data: bytes) -> bytes:
 
 def proposal_size(data: bytes, request_id: str) -> int:
     """What `max_entry_bytes` bounds: the size of the entry a proposal makes (`Entry.size`), unstamped."""
-    return len(data) + len(request_id) + 24
+    return len(data) + len(request_id) + ENTRY_OVERHEAD_BYTES
+
+
+def check_proposal_size(data: bytes, request_id: str, max_entry_bytes: int) -> None:
+    """Raise ProposalTooLarge for a proposal whose entry would be over `max_entry_bytes`."""
+    size = proposal_size(data, request_id)
+    if size > max_entry_bytes:
+        raise ProposalTooLarge(f"a proposal of {size} bytes, over max_entry_bytes ({max_entry_bytes})")
 
 
 class RaftCore:
@@ -240,9 +248,7 @@ class RaftCore:
         """
         if kind is not EntryKind.NORMAL and kind is not EntryKind.BATCH:
             raise ValueError(f"{kind.name} entries are not proposed as commands")
-        size = proposal_size(data, request_id)
-        if size > self.config.max_entry_bytes:
-            raise ProposalTooLarge(f"a proposal of {size} bytes, over max_entry_bytes ({self.config.max_entry_bytes})")
+        check_proposal_size(data, request_id, self.config.max_entry_bytes)
         if self.role is Role.LEADER:
             if self.transfer_target is not None:
                 raise NotLeaderError("leadership transfer in progress", self.transfer_target)
@@ -813,8 +819,13 @@ class RaftCore:
                     # or below the match it knows makes it probe us again (`_handle_append_response`).
                     self._send(
                         AppendEntriesResponse(
-                            self.id, message.source, self.term, False, 0,
-                            rejected_index=message.commit, hint_index=min(message.commit, self.log.last_index),
+                            self.id,
+                            message.source,
+                            self.term,
+                            False,
+                            0,
+                            rejected_index=message.commit,
+                            hint_index=min(message.commit, self.log.last_index),
                         )
                     )
             if commit <= self.log.last_index:

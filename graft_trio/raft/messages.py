@@ -66,6 +66,9 @@ class Membership:
         return Membership.of([m for m in self.members if m.node_id != node_id])
 
 
+ENTRY_OVERHEAD_BYTES = 24  # what `Entry.size` counts for an entry besides its data and request id
+
+
 @attrs.frozen(slots=True)
 class Entry:
     term: int
@@ -76,7 +79,7 @@ class Entry:
     membership: Membership | None = None
 
     def size(self) -> int:
-        return len(self.data) + len(self.request_id) + 24
+        return len(self.data) + len(self.request_id) + ENTRY_OVERHEAD_BYTES
 
 
 @attrs.frozen(slots=True)

@@ -35,7 +35,7 @@ import trio
 from graft_trio._service import start_service
 from graft_trio.clock import Clock, TrioClock
 from graft_trio.raft.codec import decode_commands, encode_commands
-from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role, proposal_size
+from graft_trio.raft.core import CoreConfig, RaftCore, ReadState, Ready, Role, check_proposal_size
 from graft_trio.raft.errors import (
     MembershipChangeError,
     NodeStoppedError,
@@ -196,12 +196,18 @@ class _Waiter:
 
     def submit_proposal(self, core: RaftCore, request_id: str) -> None:
         """Hand the proposal to the core, unless this member leads and already appended it in this term:
-        then it is in the log and commits with it, and appending it again would only grow the log."""
+        then it is in the log and commits with it, and appending it again would only grow the log. A
+        proposal the core refuses as too large fails here; NotLeaderError is the caller's to handle."""
         if self.done or self.command is None or self.waiting_for_room:
             return
         if core.role is Role.LEADER and self.appended_term == core.term:
             return
-        if core.propose(self.command, request_id, self.kind) is not None:
+        try:
+            appended = core.propose(self.command, request_id, self.kind) is not None
+        except ProposalTooLarge as exc:
+            self.fail(exc)
+            return
+        if appended:
             self.appended_term = core.term
 
     def resolve(self, result: bytes) -> None:
@@ -602,12 +608,8 @@ class RaftNode:
         if core.leader_id is None:
             return
         for request_id, waiter in self._waiters.items():
-            try:
+            with contextlib.suppress(NotLeaderError):
                 waiter.submit_proposal(core, request_id)
-            except NotLeaderError:
-                pass
-            except ProposalTooLarge as exc:  # this member's limit was changed under it: refuse, do not stop
-                waiter.fail(exc)
         for context, (waiter, _) in self._read_waiters.items():
             if not waiter.done:
                 with contextlib.suppress(NotLeaderError):
@@ -904,7 +906,7 @@ class RaftNode:
                 request_id, waiter = request
                 try:
                     waiter.submit_proposal(core, request_id)
-                except (NotLeaderError, ProposalTooLarge) as exc:
+                except NotLeaderError as exc:
                     waiter.fail(exc)
             else:
                 request()
@@ -1049,9 +1051,7 @@ class RaftNode:
         cached = self._dedup.get(request_id)
         if cached is not None:
             return cached
-        size = proposal_size(data, request_id)
-        if size > self.config.max_entry_bytes:
-            raise ProposalTooLarge(f"a proposal of {size} bytes, over max_entry_bytes ({self.config.max_entry_bytes})")
+        check_proposal_size(data, request_id, self.config.max_entry_bytes)
         self._check_running()
         now = self.clock.now()
         deadline = now + (self.config.default_timeout if timeout is None else timeout)
