@@ -38,6 +38,7 @@ from graft_trio.raft import (
     Ready,
     Role,
     Snapshot,
+    StateMachine,
 )
 from graft_trio.raft.messages import Message
 from tests.kv import KeyValue
@@ -544,3 +545,26 @@ class OffsetClock(TrioClock):
 
     def trio_deadline(self, deadline: float) -> float:
         return deadline - self.offset
+
+
+class TimeLog(StateMachine):
+    """Applies commands of the form b"<time>|<text>" and remembers the times; stamps the leader's time in."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def stamp(self, command: bytes, leader_time: float) -> bytes:
+        return b"%r|%s" % (leader_time, command.partition(b"|")[2])
+
+    def apply(self, index: int, command: bytes) -> bytes:
+        self.times.append(float(command.partition(b"|")[0]))
+        return command
+
+    def query(self, query: bytes) -> bytes:
+        return b""
+
+    def snapshot(self) -> bytes:
+        return json.dumps(self.times).encode()
+
+    def restore(self, snapshot: bytes) -> None:
+        self.times = json.loads(snapshot)

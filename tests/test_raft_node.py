@@ -21,11 +21,10 @@ from graft_trio.raft import (
     ProposalTimeout,
     RaftError,
     RaftNode,
-    StateMachine,
 )
 from graft_trio.raft.messages import AppendEntries, Entry, HardState, ReadIndexResponse
 from tests.kv import KeyValue, append, put
-from tests.raft_cluster import NodeCluster, OffsetClock, node_config, open_node_cluster
+from tests.raft_cluster import NodeCluster, OffsetClock, TimeLog, node_config, open_node_cluster
 from transports.memory import MemoryNetwork, MemoryTransport
 
 ABC = ["a", "b", "c"]
@@ -704,33 +703,10 @@ async def test_a_read_answer_meant_for_a_previous_incarnation_is_not_used(
 # --- the leader's time on every command ------------------------------------------------------------------
 
 
-class _TimeLog(StateMachine):
-    """Applies commands of the form b"<time>|<text>" and remembers the times; stamps the leader's time in."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def stamp(self, command: bytes, leader_time: float) -> bytes:
-        return b"%r|%s" % (leader_time, command.partition(b"|")[2])
-
-    def apply(self, index: int, command: bytes) -> bytes:
-        self.times.append(float(command.partition(b"|")[0]))
-        return command
-
-    def query(self, query: bytes) -> bytes:
-        return b""
-
-    def snapshot(self) -> bytes:
-        return json.dumps(self.times).encode()
-
-    def restore(self, snapshot: bytes) -> None:
-        self.times = json.loads(snapshot)
-
-
 async def test_commands_carry_the_leaders_time_whoever_proposed_them(autojump_clock: trio.testing.MockClock) -> None:
     network = MemoryNetwork()
     offsets = {"a": 0.0, "b": 1000.0, "c": -1000.0}  # clocks far apart: whose time a command got is plain
-    machines = {node_id: _TimeLog() for node_id in offsets}
+    machines = {node_id: TimeLog() for node_id in offsets}
     nodes = {
         node_id: RaftNode(
             node_id,

@@ -12,8 +12,7 @@ from graft_trio.raft import CoreConfig, EntryKind, ProposalTooLarge, RaftNode
 from graft_trio.raft.codec import decode_commands, encode_commands
 from graft_trio.raft.messages import ForwardBatch, ForwardProposal
 from tests.kv import append, put
-from tests.raft_cluster import CoreCluster, NodeCluster, node_config, open_node_cluster
-from tests.test_raft_node import _TimeLog
+from tests.raft_cluster import CoreCluster, NodeCluster, TimeLog, node_config, open_node_cluster
 from transports.memory import MemoryNetwork, MemoryTransport
 
 ABC = ["a", "b", "c"]
@@ -183,7 +182,7 @@ async def test_a_proposal_at_the_limit_is_not_refused_for_what_the_leaders_stamp
             node_id,
             node_id,
             {p: p for p in ids if p != node_id},
-            state_machine=_TimeLog(),
+            state_machine=TimeLog(),
             transport=MemoryTransport(network),
             config=config,
             rng=random.Random(index),
